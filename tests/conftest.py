@@ -1,0 +1,55 @@
+"""Session fixtures: a tiny random-weight Qwen3 reranker with the real Qwen3 tokenizer, built once, offline."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from worker.engine import RerankEngine
+from worker.offline import build_random_reranker
+
+settings.register_profile(
+    "default", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+settings.load_profile("default")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_random_reranker(tmp_path_factory.mktemp("tiny-qwen3-reranker"), size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_model_dir: Path) -> RerankEngine:
+    return RerankEngine.load(str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def make_engine(engine: RerankEngine) -> Callable[..., RerankEngine]:
+    """Engines with other limits over the same loaded model (loading once keeps the suite fast)."""
+
+    def make(*, max_batch_tokens: int, max_doc_tokens: int = 512, max_query_tokens: int = 512) -> RerankEngine:
+        tokenizer = engine.tokenizer.with_limits(max_query_tokens=max_query_tokens, max_doc_tokens=max_doc_tokens)
+        return RerankEngine(tokenizer, engine.scorer, model_name=engine.model_name, max_batch_tokens=max_batch_tokens)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(tiny_model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def reference_model(tiny_model_dir: Path) -> Any:
+    """The same weights loaded independently, with transformers' default (non-packed) attention path."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype="float32")
+    return model.eval()

@@ -1,0 +1,260 @@
+"""RerankEngine: queries and documents in, scores and pack statistics out. Knows nothing of Kafka.
+
+Steps, each a method: `prepare` (drop blanks, de-duplicate, tokenize), `plan_packs` (cross-job packing under the
+token budget), `run_packs` (one forward per pack), `collect` (scores back to every input document, statistics).
+`score` does all four; the worker may call `prepare` for the next batch while the GPU runs the current one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from transformers import AutoTokenizer
+
+from worker.engine.backend import BackendInfo, TorchScorer
+from worker.engine.plan import Pack, PreparedJob, build_pack_arrays, plan_packs
+from worker.engine.prompt import DEFAULT_INSTRUCTION, query_head
+from worker.engine.tokenize import PromptTokenizer, TokenIds
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    query: str
+    documents: Sequence[str | None]
+    instruction: str | None = None
+
+
+@dataclass(frozen=True)
+class JobStats:
+    input_docs: int
+    usable_docs: int
+    unique_docs: int
+    dedup_ratio: float  # 1 - unique_docs / usable_docs: the share of usable documents not scored again
+    truncated_docs: int
+    query_truncated: bool
+    tokens: int  # tokens this job put through the model (head copies, documents, suffixes)
+    packed_batches: int
+    packed_max_seq_len: int
+    packed_avg_seq_len: float
+    tokenize_ms: float
+    inference_ms: float
+    elapsed_ms: float
+
+
+@dataclass(frozen=True)
+class JobScores:
+    scores: list[float | None]  # per input document; None for blank documents
+    stats: JobStats
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    model: str
+    device: str
+    dtype: str
+    attention: str
+    max_batch_tokens: int
+    max_doc_tokens: int
+    max_query_tokens: int
+
+
+class RerankEngine:
+    def __init__(
+        self,
+        tokenizer: PromptTokenizer,
+        scorer: TorchScorer,
+        *,
+        model_name: str,
+        max_batch_tokens: int,
+        default_instruction: str = DEFAULT_INSTRUCTION,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.scorer = scorer
+        self.model_name = model_name
+        self.max_batch_tokens = max_batch_tokens
+        self.default_instruction = default_instruction
+        self._check_budget()
+
+    @classmethod
+    def load(
+        cls,
+        model: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        attention: str = "auto",
+        max_batch_tokens: int | None = None,
+        max_doc_tokens: int = 512,
+        max_query_tokens: int = 512,
+        default_instruction: str | None = None,
+        doc_cache_size: int = 0,
+    ) -> RerankEngine:
+        """Load tokenizer and model from a hub name or a local directory (the same `from_pretrained` path)."""
+        hf_tokenizer = AutoTokenizer.from_pretrained(model)
+        tokenizer = PromptTokenizer(
+            hf_tokenizer.backend_tokenizer,
+            max_query_tokens=max_query_tokens,
+            max_doc_tokens=max_doc_tokens,
+            doc_cache_size=doc_cache_size,
+        )
+        scorer = TorchScorer.load(
+            model, device=device, dtype=dtype, attention=attention, yes_id=tokenizer.yes_id, no_id=tokenizer.no_id
+        )
+        if max_batch_tokens is None:
+            # A whole 400-document job in one pass on a GPU; on CPU the dense [L, L] mask grows with L squared.
+            max_batch_tokens = 32768 if scorer.device.type == "cuda" else 4096
+        return cls(
+            tokenizer,
+            scorer,
+            model_name=model,
+            max_batch_tokens=max_batch_tokens,
+            default_instruction=default_instruction or DEFAULT_INSTRUCTION,
+        )
+
+    def _check_budget(self) -> None:
+        tok = self.tokenizer
+        empty_head = len(tok.prefix_ids) + tok.count_plain_tokens(query_head("", ""))
+        # instruction and query are each at most max_query_tokens; a few tokens of slack for merges at the seams
+        worst = empty_head + 2 * tok.max_query_tokens + 8 + tok.max_doc_tokens + len(tok.suffix_ids)
+        if self.max_batch_tokens < worst:
+            raise ValueError(
+                f"RERANK_MAX_BATCH_TOKENS={self.max_batch_tokens} cannot hold one longest prompt: it must be at "
+                f"least {worst} (RERANK_MAX_QUERY_TOKENS={tok.max_query_tokens} for the query and for the "
+                f"instruction, RERANK_MAX_DOC_TOKENS={tok.max_doc_tokens}, {empty_head + len(tok.suffix_ids)} "
+                "template tokens)"
+            )
+
+    @property
+    def info(self) -> EngineInfo:
+        backend: BackendInfo = self.scorer.info
+        return EngineInfo(
+            model=self.model_name,
+            device=backend.device,
+            dtype=backend.dtype,
+            attention=backend.attention,
+            max_batch_tokens=self.max_batch_tokens,
+            max_doc_tokens=self.tokenizer.max_doc_tokens,
+            max_query_tokens=self.tokenizer.max_query_tokens,
+        )
+
+    # -- steps -------------------------------------------------------------------------------------------------
+
+    def prepare(self, request: ScoreRequest) -> PreparedJob:
+        """Drop blank documents, de-duplicate by text and then by token ids, tokenize head and documents.
+
+        Raises InvalidJobError for a job that can never be scored (for example an over-long instruction).
+        """
+        started = time.perf_counter()
+        instruction = request.instruction if request.instruction is not None else self.default_instruction
+        head_ids, query_truncated = self.tokenizer.encode_head(instruction, request.query)
+        text_slot: dict[str, int] = {}
+        doc_text = np.full(len(request.documents), -1, dtype=np.int64)  # input document -> unique text
+        for i, text in enumerate(request.documents):
+            if text is not None and text.strip():  # blank documents get no score (null)
+                doc_text[i] = text_slot.setdefault(text, len(text_slot))
+        texts = list(text_slot)  # dicts keep insertion order: texts[slot] is the text of that slot
+        encoded = self.tokenizer.encode_documents(texts)
+        # Texts that differ only past the truncation point have the same ids and so the same score: score once.
+        ids_slot: dict[bytes, int] = {}
+        unique_docs: list[TokenIds] = []
+        text_to_unique = np.empty(len(texts), dtype=np.int64)
+        for t, enc in enumerate(encoded):
+            text_to_unique[t] = ids_slot.setdefault(enc.ids.tobytes(), len(ids_slot))
+            if text_to_unique[t] == len(unique_docs):
+                unique_docs.append(enc.ids)
+        doc_slot = doc_text.copy()
+        usable = doc_text >= 0
+        doc_slot[usable] = text_to_unique[doc_text[usable]]
+        return PreparedJob(
+            head_ids=head_ids,
+            unique_docs=unique_docs,
+            doc_slot=doc_slot,
+            query_truncated=query_truncated,
+            truncated_docs=sum(enc.truncated for enc in encoded),
+            tokenize_ms=(time.perf_counter() - started) * 1e3,
+        )
+
+    def plan_packs(self, jobs: Sequence[PreparedJob]) -> list[Pack]:
+        return plan_packs(jobs, len(self.tokenizer.suffix_ids), self.max_batch_tokens)
+
+    def run_packs(self, jobs: Sequence[PreparedJob], packs: Sequence[Pack]) -> list[np.ndarray]:
+        """Forward every pack; returns per job the scores of its unique documents (float32)."""
+        unique_scores = [np.full(len(job.unique_docs), np.nan, dtype=np.float32) for job in jobs]
+        for pack in packs:
+            arrays = build_pack_arrays(pack, jobs, self.tokenizer.suffix_ids, self.scorer.pad_to_multiple, pad_id=0)
+            scores = self.scorer.score_pack(arrays)  # [num_docs in pack order]
+            offset = 0
+            for group in pack.groups:
+                n = len(group.docs)
+                unique_scores[group.job][list(group.docs)] = scores[offset : offset + n]
+                offset += n
+        for scores in unique_scores:
+            if np.isnan(scores).any():
+                raise RuntimeError("a document was planned into no pack or scored NaN. This is a bug.")
+        return unique_scores
+
+    def collect(
+        self,
+        jobs: Sequence[PreparedJob],
+        packs: Sequence[Pack],
+        unique_scores: Sequence[np.ndarray],
+        *,
+        inference_ms: float,
+        batch_started: float,
+    ) -> list[JobScores]:
+        pack_lengths: list[list[int]] = [[] for _ in jobs]
+        job_tokens = [0] * len(jobs)
+        suffix_len = len(self.tokenizer.suffix_ids)
+        for pack in packs:
+            for group in pack.groups:
+                job = jobs[group.job]
+                pack_lengths[group.job].append(pack.num_tokens)
+                job_tokens[group.job] += len(job.head_ids) + sum(
+                    len(job.unique_docs[d]) + suffix_len for d in group.docs
+                )
+        elapsed_ms = (time.perf_counter() - batch_started) * 1e3
+        results = []
+        for j, job in enumerate(jobs):
+            usable = int((job.doc_slot >= 0).sum())
+            unique = len(job.unique_docs)
+            per_doc = [None if slot < 0 else float(unique_scores[j][slot]) for slot in job.doc_slot.tolist()]
+            lengths = pack_lengths[j]
+            results.append(
+                JobScores(
+                    scores=per_doc,
+                    stats=JobStats(
+                        input_docs=len(job.doc_slot),
+                        usable_docs=usable,
+                        unique_docs=unique,
+                        dedup_ratio=round(1.0 - unique / usable, 6) if usable else 0.0,
+                        truncated_docs=job.truncated_docs,
+                        query_truncated=job.query_truncated,
+                        tokens=job_tokens[j],
+                        packed_batches=len(lengths),
+                        packed_max_seq_len=max(lengths, default=0),
+                        packed_avg_seq_len=round(float(np.mean(lengths)), 1) if lengths else 0.0,
+                        tokenize_ms=round(job.tokenize_ms, 3),
+                        inference_ms=round(inference_ms, 3),
+                        elapsed_ms=round(elapsed_ms, 3),
+                    ),
+                )
+            )
+        return results
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[JobScores]:
+        """Score several jobs together: their documents share forward passes, each job's scores are its own."""
+        started = time.perf_counter()
+        jobs = [self.prepare(r) for r in requests]
+        return self.score_prepared(jobs, batch_started=started)
+
+    def score_prepared(self, jobs: Sequence[PreparedJob], *, batch_started: float | None = None) -> list[JobScores]:
+        started = time.perf_counter()
+        packs = self.plan_packs(jobs)
+        unique_scores = self.run_packs(jobs, packs)
+        inference_ms = (time.perf_counter() - started) * 1e3
+        return self.collect(
+            jobs, packs, unique_scores, inference_ms=inference_ms, batch_started=batch_started or started
+        )
