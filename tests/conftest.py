@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,11 @@ from worker.engine import RerankEngine
 from worker.offline import build_random_reranker
 
 settings.register_profile(
-    "default", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+    "default", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
 )
-settings.load_profile("default")
+# On the GPU machine every new pack length compiles FlexAttention kernels: fewer examples keep the run short.
+settings.register_profile("gpu", parent=settings.get_profile("default"), max_examples=6)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +28,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def engine(tiny_model_dir: Path) -> RerankEngine:
-    return RerankEngine.load(str(tiny_model_dir), device="cpu")
+    """CPU unless RERANK_DEVICE says otherwise: the GPU machine runs this suite with RERANK_DEVICE=cuda."""
+    device = os.environ.get("RERANK_DEVICE", "cpu")
+    return RerankEngine.load(str(tiny_model_dir), device=device, dtype=os.environ.get("RERANK_DTYPE", "float32"))
 
 
 @pytest.fixture(scope="session")

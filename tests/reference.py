@@ -11,9 +11,9 @@ tokenizer's own tokenizer.json with its added tokens removed.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-import json
 import torch
 from tokenizers import Tokenizer
 

@@ -101,7 +101,8 @@ class TorchScorer:
         if self.attention == "flex_attention":
             from torch.nn.attention.flex_attention import create_block_mask
 
-            return create_block_mask(mask_mod, 1, None, length, length, device=self.device)
+            # compiled: the eager build materializes int64 [L, L] intermediates (gigabytes at 32k tokens)
+            return create_block_mask(mask_mod, 1, None, length, length, device=self.device, _compile=True)
         allowed = dense_mask(mask_mod, length, self.device)  # [1, 1, L, L] bool
         if self.attention == "sdpa":
             return allowed

@@ -1,0 +1,91 @@
+"""`rerank-worker score` end to end in a subprocess: the tiny model through from_pretrained, JSON in, JSON out."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.reference import official_score
+
+
+def run_cli(
+    args: list[str], stdin: bytes, env_extra: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RERANK_")}
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args], input=stdin, capture_output=True, env=env, timeout=300
+    )
+
+
+def test_score_prints_the_ranked_result(tiny_model_dir: Path, reference_model: Any, hf_tokenizer: Any) -> None:
+    job = {
+        "job_id": "cli-1",
+        "query": "what is rust?",
+        "documents": ["Rust is a systems language.", {"id": "b", "text": "Iron oxide."}, None, "Tea."],
+        "top_n": 3,
+        "return_documents": True,
+        "metadata": {"source": "test"},
+    }
+    done = run_cli(["score", "--model", str(tiny_model_dir), "--device", "cpu"], orjson.dumps(job))
+    assert done.returncode == 0, done.stderr.decode()
+    result = orjson.loads(done.stdout)
+    assert result["job_id"] == "cli-1"
+    assert result["metadata"] == {"source": "test"}
+    assert len(result["results"]) == 3
+    scores = [r["relevance_score"] for r in result["results"]]
+    assert scores == sorted(scores, reverse=True)
+    for r in result["results"]:
+        text = job["documents"][r["index"]]
+        text = text["text"] if isinstance(text, dict) else text
+        assert r["document"] == text
+        assert r["relevance_score"] == pytest.approx(
+            official_score(reference_model, hf_tokenizer, job["query"], text), abs=1e-4
+        )
+    assert result["meta"]["input_docs"] == 4
+    assert result["meta"]["usable_docs"] == 3
+    assert result["meta"]["device"] == "cpu"
+    assert result["meta"]["attention"] == "sdpa"
+
+
+def test_score_reads_a_file(tiny_model_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "job.json"
+    path.write_bytes(orjson.dumps({"job_id": "f", "query": "q", "documents": ["a", "b"]}))
+    done = run_cli(["score", "--input", str(path)], b"", {"RERANK_MODEL": str(tiny_model_dir), "RERANK_DEVICE": "cpu"})
+    assert done.returncode == 0, done.stderr.decode()
+    assert orjson.loads(done.stdout)["job_id"] == "f"
+
+
+@pytest.mark.parametrize(
+    ("stdin", "expected"),
+    [
+        (b"{not json", "invalid job (not_json)"),
+        (orjson.dumps({"job_id": "x", "query": " ", "documents": ["a"]}), "invalid job (blank_query)"),
+    ],
+)
+def test_a_bad_job_is_one_line_on_stderr_and_exit_1(tiny_model_dir: Path, stdin: bytes, expected: str) -> None:
+    done = run_cli(["score", "--model", str(tiny_model_dir), "--device", "cpu"], stdin)
+    assert done.returncode == 1
+    lines = done.stderr.decode().strip().splitlines()
+    assert len(lines) == 1
+    assert expected in lines[0]
+    assert done.stdout == b""
+
+
+def test_bad_settings_exit_2(tiny_model_dir: Path) -> None:
+    done = run_cli(["score", "--model", str(tiny_model_dir)], b"{}", {"RERANK_MAX_DOC_TOKEN": "5"})
+    assert done.returncode == 2
+    assert "RERANK_MAX_DOC_TOKEN" in done.stderr.decode()
+
+
+def test_a_missing_model_exits_3(tmp_path: Path) -> None:
+    job = orjson.dumps({"job_id": "x", "query": "q", "documents": ["a"]})
+    done = run_cli(["score", "--model", str(tmp_path / "no-such-model"), "--device", "cpu"], job)
+    assert done.returncode == 3
+    assert "cannot load model" in done.stderr.decode()
