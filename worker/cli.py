@@ -1,6 +1,7 @@
-"""`rerank-worker`: a thin command line over the engine (and, later, the Kafka loop).
+"""`rerank-worker`: a thin command line over the engine and the Kafka loop (worker.kafka).
 
-Exit codes: 0 done; 1 the job was invalid; 2 bad usage or settings; 3 the model could not be loaded.
+Exit codes: 0 done; 1 the job was invalid (or dead-lettered); 2 bad usage or settings; 3 the model could not be
+loaded; 4 Kafka unreachable or misconfigured (or another fatal worker error); 5 `enqueue --wait` timed out.
 Errors are one line on stderr.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import uuid
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -20,6 +22,8 @@ from worker.settings import Settings
 EXIT_INVALID_JOB = 1
 EXIT_USAGE = 2
 EXIT_MODEL = 3
+EXIT_KAFKA = 4
+EXIT_TIMEOUT = 5
 
 
 def fail(code: int, message: str) -> NoReturn:
@@ -79,6 +83,92 @@ def cmd_schemas(args: argparse.Namespace) -> None:
         print(path)
 
 
+def cmd_run(args: argparse.Namespace) -> None:
+    from worker.kafka.logs import configure_logging
+    from worker.kafka.loop import default_worker_id, run_worker
+
+    settings = load_settings(model=args.model, device=args.device)
+    configure_logging(settings.log_level, settings.worker_id or default_worker_id())
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # stderr carries JSON lines only
+    engine = build_engine(settings)
+    raise SystemExit(run_worker(settings, engine))
+
+
+def _job_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    if args.file:
+        raw = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+        try:
+            job: dict[str, Any] = orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            fail(EXIT_INVALID_JOB, f"invalid job (not_json): {e}")
+        if not isinstance(job, dict):
+            fail(EXIT_INVALID_JOB, "invalid job (schema_violation): a job is a JSON object")
+    elif args.query is not None and args.doc:
+        job = {"query": args.query, "documents": list(args.doc)}
+    else:
+        fail(EXIT_USAGE, "give a job with --file, or --query and at least one --doc")
+    options = {
+        "job_id": args.job_id,
+        "instruction": args.instruction,
+        "top_n": args.top_n,
+        "reply_topic": args.reply_topic,
+        "return_documents": args.return_documents or None,
+    }
+    job.update({k: v for k, v in options.items() if v is not None})
+    job.setdefault("job_id", uuid.uuid4().hex)
+    return job
+
+
+def ranked_table(result: Any, texts: list[str | None], width: int = 60) -> str:
+    """The ranked documents of a RerankResult as a fixed-width table."""
+    lines = [
+        f"job {result.job_id}: {result.meta.input_docs} documents, model {result.model}, "
+        f"{result.meta.elapsed_ms:.1f} ms",
+        f"{'rank':>4}  {'score':>8}  {'index':>5}  {'id':<12}  document",
+    ]
+    for rank, doc in enumerate(result.results, 1):
+        score = "-" if doc.relevance_score is None else f"{doc.relevance_score:.6f}"
+        text = (texts[doc.index] if doc.index < len(texts) else None) or ""
+        text = " ".join(text.split())
+        text = text if len(text) <= width else text[: width - 3] + "..."
+        ident = "" if doc.id is None else str(doc.id)
+        lines.append(f"{rank:>4}  {score:>8}  {doc.index:>5}  {ident:<12}  {text}")
+    return "\n".join(lines)
+
+
+def cmd_enqueue(args: argparse.Namespace) -> None:
+    from kafka.errors import KafkaError
+
+    from worker.kafka.client import DeadLettered, RerankClient
+    from worker.messages import RerankJob, describe_validation_error
+
+    settings = load_settings()
+    data = _job_from_args(args)
+    try:
+        job = RerankJob.model_validate(data, context={"max_docs": settings.max_docs})
+    except ValidationError as e:
+        fail(EXIT_INVALID_JOB, f"invalid job: {describe_validation_error(e)}")
+    try:
+        with RerankClient(settings) as client:
+            job_id = client.submit(job, timeout_s=args.timeout)
+            if not args.wait:
+                print(job_id)
+                return
+            outcome = client.wait([job_id], timeout_s=args.timeout)[job_id]
+    except TimeoutError as e:
+        fail(EXIT_TIMEOUT, str(e))
+    except KafkaError as e:
+        fail(EXIT_KAFKA, f"Kafka at {settings.bootstrap_servers}: {e}")
+    if isinstance(outcome, DeadLettered):
+        fail(EXIT_INVALID_JOB, f"job {job_id} was dead-lettered ({outcome.reason}): {outcome.message}")
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(outcome.model_dump(mode="json"), option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        print(ranked_table(outcome, job.document_texts()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rerank-worker", description="Qwen3-Reranker worker.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +179,25 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--input", help="file holding the job; default stdin")
     score.add_argument("--pretty", action="store_true", help="indent the JSON output")
     score.set_defaults(func=cmd_score)
+
+    run = sub.add_parser("run", help="consume RERANK_JOBS_TOPIC, score, publish results (until SIGTERM/SIGINT)")
+    run.add_argument("--model", help="model name or local directory (overrides RERANK_MODEL)")
+    run.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides RERANK_DEVICE)")
+    run.set_defaults(func=cmd_run)
+
+    enqueue = sub.add_parser("enqueue", help="send a job to RERANK_JOBS_TOPIC; with --wait print its ranked result")
+    enqueue.add_argument("--file", help="JSON file holding a RerankJob ('-': stdin)")
+    enqueue.add_argument("--query", help="the query (with --doc)")
+    enqueue.add_argument("--doc", action="append", help="a document; repeat for more")
+    enqueue.add_argument("--job-id", help="job identifier; default a random one")
+    enqueue.add_argument("--instruction", help="task instruction")
+    enqueue.add_argument("--top-n", type=int, help="return only the best N documents")
+    enqueue.add_argument("--return-documents", action="store_true", help="include document texts in the result")
+    enqueue.add_argument("--reply-topic", help="publish the result there (must match RERANK_REPLY_TOPIC_ALLOWLIST)")
+    enqueue.add_argument("--wait", action="store_true", help="wait for the result and print a ranked table")
+    enqueue.add_argument("--json", action="store_true", help="with --wait: print the result JSON instead")
+    enqueue.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+    enqueue.set_defaults(func=cmd_enqueue)
 
     schemas = sub.add_parser("schemas", help="write the wire JSON Schemas into a folder")
     schemas.add_argument("--out", default="schemas")

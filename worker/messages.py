@@ -63,6 +63,11 @@ class RerankJob(_Wire):
     metadata: dict[str, Any] = Field(
         default_factory=dict, description="Caller's data, copied unchanged into the result."
     )
+    reply_topic: Annotated[str, Field(pattern=r"^[a-zA-Z0-9._-]{1,249}$")] | None = Field(
+        None,
+        description="Topic for this job's result instead of RERANK_RESULTS_TOPIC; honoured only when it matches "
+        "RERANK_REPLY_TOPIC_ALLOWLIST, else the job is dead-lettered as `disallowed_reply_topic`.",
+    )
 
     @field_validator("query")
     @classmethod

@@ -8,18 +8,23 @@ so a typo such as RERANK_MAX_DOC_TOKEN fails loudly instead of silently running 
 from __future__ import annotations
 
 import os
+import re
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "RERANK_"
 
 PositiveInt = Annotated[int, Field(ge=1)]
+# Kafka topic names: the broker's own rule (legal characters, at most 249 of them).
+TopicName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9._-]{1,249}$")]
+MIB = 1024 * 1024
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+    # populate_by_name: code and tests pass `bootstrap_servers=...`; the environment uses the KAFKA_* aliases.
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True, populate_by_name=True)
 
     model: str = Field(
         "Qwen/Qwen3-Reranker-0.6B",
@@ -59,13 +64,163 @@ class Settings(BaseSettings):
         "documents across queries. 0 turns the cache off.",
     )
 
+    # -- Kafka connection: the usual KAFKA_* names, shared with other clients, so no RERANK_ prefix ------------------
+    bootstrap_servers: str = Field(
+        "localhost:9092",
+        validation_alias="KAFKA_BOOTSTRAP_SERVERS",
+        description="Comma-separated `host:port` list of Kafka brokers to bootstrap from.",
+    )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT",
+        validation_alias="KAFKA_SECURITY_PROTOCOL",
+        description="`PLAINTEXT`, `SSL`, `SASL_PLAINTEXT` or `SASL_SSL`. The SASL ones need KAFKA_SASL_MECHANISM, "
+        "KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD.",
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None,
+        validation_alias="KAFKA_SASL_MECHANISM",
+        description="SASL mechanism: `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`. Empty: `PLAIN` when the protocol "
+        "is a SASL one.",
+    )
+    sasl_username: str | None = Field(None, validation_alias="KAFKA_SASL_USERNAME", description="SASL user name.")
+    sasl_password: SecretStr | None = Field(
+        None, validation_alias="KAFKA_SASL_PASSWORD", description="SASL password; never logged or printed."
+    )
+    ssl_cafile: str | None = Field(
+        None,
+        validation_alias="KAFKA_SSL_CAFILE",
+        description="PEM file of the CA that signed the brokers' certificates (`SSL`, `SASL_SSL`). Empty: the "
+        "system's trusted CAs.",
+    )
+
+    # -- Kafka worker -------------------------------------------------------------------------------------------------
+    group_id: str = Field("rerank-worker", min_length=1, description="Consumer group of the workers.")
+    jobs_topic: TopicName = Field("rerank.jobs", description="Topic the worker consumes RerankJob messages from.")
+    results_topic: TopicName = Field(
+        "rerank.results", description="Topic of the RerankResult messages (key: job_id), unless a job's `reply_topic`."
+    )
+    dlq_topic: TopicName = Field(
+        "rerank.jobs.dlq",
+        description="Dead-letter topic: jobs that cannot be answered, with their original key and value bytes and "
+        "`rerank.*` headers saying why.",
+    )
+    reply_topic_allowlist: str | None = Field(
+        None,
+        description="Regular expression (whole-name match) of the `reply_topic` values jobs may name; a job naming "
+        "another topic is dead-lettered as `disallowed_reply_topic`. Empty: only RERANK_RESULTS_TOPIC.",
+    )
+    max_message_bytes: PositiveInt = Field(
+        16 * MIB,
+        description="Largest job or result, in bytes: sizes the producer's `max_request_size` and the consumer's "
+        "fetch sizes. A bigger job is dead-lettered as `message_too_large`, a bigger result as `result_too_large`. "
+        "The topics' `max.message.bytes` (broker `message.max.bytes`) must allow it too.",
+    )
+    compression_type: Literal["gzip", "none", "snappy", "lz4", "zstd"] = Field(
+        "gzip",
+        description="Compression of produced messages. `gzip` needs nothing else; `snappy`, `lz4` and `zstd` need "
+        "the python-snappy, lz4 or zstandard package.",
+    )
+    max_attempts: PositiveInt = Field(
+        5,
+        description="Tries of a transient failure (broker unavailable, produce timeout, CUDA out of memory) before "
+        "the job is dead-lettered with `rerank.attempts`.",
+    )
+    retry_initial_ms: PositiveInt = Field(
+        200, description="First backoff between tries; it doubles each try, with random jitter."
+    )
+    retry_max_ms: PositiveInt = Field(10000, description="Longest backoff between tries.")
+    batch_wait_ms: Annotated[int, Field(ge=0)] = Field(
+        20,
+        description="How long a batch waits for more jobs after its first one, unless its token budget fills first.",
+    )
+    batch_max_packs: PositiveInt = Field(
+        4,
+        description="Token budget of a batch, in forward passes of RERANK_MAX_BATCH_TOKENS: jobs are gathered until "
+        "their tokens would fill this many passes. A bigger job forms a batch of its own.",
+    )
+    max_queued_jobs: PositiveInt = Field(
+        64,
+        description="Parsed jobs waiting for the GPU thread. When the queue is full, the consumer pauses its "
+        "partitions but keeps polling, so long GPU work never exceeds RERANK_MAX_POLL_INTERVAL_MS.",
+    )
+    max_poll_records: PositiveInt = Field(100, description="Most records one consumer poll returns.")
+    session_timeout_ms: PositiveInt = Field(
+        45000,
+        description="The group drops a worker that sends no heartbeat for this long (the broker bounds it by "
+        "`group.min.session.timeout.ms`, 6000 by default). A killed worker's partitions move after it.",
+    )
+    heartbeat_interval_ms: PositiveInt = Field(
+        3000, description="Heartbeat period; must be below a third of RERANK_SESSION_TIMEOUT_MS."
+    )
+    max_poll_interval_ms: PositiveInt = Field(
+        300000,
+        description="Longest gap between two polls before the group drops the worker. The consumer thread polls "
+        "every few hundred ms whatever the GPU does, so this only trips when the worker is stuck.",
+    )
+    produce_timeout_ms: PositiveInt = Field(
+        60000,
+        description="How long one publish (result or dead letter) may take until acknowledged, including the "
+        "producer's own retries, before it counts as a failed (transient) try.",
+    )
+    revoke_timeout_s: Annotated[float, Field(ge=0)] = Field(
+        10.0,
+        description="On a rebalance, how long to wait for the jobs in flight on revoked partitions before committing "
+        "what is done; the rest is redelivered to the new owner. Capped at half RERANK_SESSION_TIMEOUT_MS.",
+    )
+    shutdown_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        30.0,
+        description="On SIGTERM or SIGINT: the worker stops fetching, finishes and publishes the batch in hand, "
+        "commits, leaves the group and exits 0 within this many seconds. A second SIGINT exits at once.",
+    )
+    http_host: str = Field("0.0.0.0", description="Address of the health and metrics server.")
+    http_port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        8080, description="Port of `/healthz`, `/readyz` and `/metrics`; 0 picks a free port (logged at start)."
+    )
+    worker_id: str | None = Field(
+        None,
+        description="Name of this worker in logs, result and dead-letter headers and the Kafka client id. Empty: "
+        "`<hostname>-<pid>`.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Level of the JSON log lines on stderr."
+    )
+
+    @model_validator(mode="after")
+    def _kafka_orderings(self) -> Settings:
+        if self.security_protocol.startswith("SASL_") and not (self.sasl_username and self.sasl_password):
+            raise ValueError(
+                f"KAFKA_SECURITY_PROTOCOL={self.security_protocol} needs KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD"
+            )
+        if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
+            raise ValueError(
+                f"RERANK_HEARTBEAT_INTERVAL_MS={self.heartbeat_interval_ms} must be at most a third of "
+                f"RERANK_SESSION_TIMEOUT_MS={self.session_timeout_ms}"
+            )
+        if self.reply_topic_allowlist is not None:
+            try:
+                re.compile(self.reply_topic_allowlist)
+            except re.error as e:
+                raise ValueError(f"RERANK_REPLY_TOPIC_ALLOWLIST is not a regular expression: {e}") from None
+        return self
+
+    def reply_topic_pattern(self) -> re.Pattern[str]:
+        """Which `reply_topic` values a job may name (a whole-name match); by default only the results topic."""
+        return re.compile(self.reply_topic_allowlist or re.escape(self.results_topic))
+
     @model_validator(mode="after")
     def _no_unknown_variables(self) -> Settings:
-        known = {ENV_PREFIX + name.upper() for name in type(self).model_fields}
+        # Fields read from an alias (KAFKA_*) have no RERANK_ name: RERANK_BOOTSTRAP_SERVERS is a typo, not a setting.
+        known = {env_name(name) for name in type(self).model_fields if env_name(name).startswith(ENV_PREFIX)}
         unknown = sorted(k for k in os.environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
         if unknown:
             raise ValueError(f"unknown settings in the environment: {', '.join(unknown)} (known: {sorted(known)})")
         return self
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable of a setting: its alias (KAFKA_BOOTSTRAP_SERVERS) or RERANK_<NAME>."""
+    alias = Settings.model_fields[field_name].validation_alias
+    return alias if isinstance(alias, str) else ENV_PREFIX + field_name.upper()
 
 
 def settings_table() -> str:
@@ -73,5 +228,9 @@ def settings_table() -> str:
     rows = ["| variable | default | meaning |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
         default = "" if field.default is None else f"`{field.default}`"
-        rows.append(f"| `{ENV_PREFIX}{name.upper()}` | {default} | {field.description} |")
+        rows.append(f"| `{env_name(name)}` | {default} | {field.description} |")
     return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_table())

@@ -14,7 +14,10 @@ from tests.reference import official_ids, official_score, official_score_ids
 from tests.strategies import document_lists, nonblank_text
 from worker.engine import RerankEngine, ScoreRequest
 
-TOLERANCE = 1e-4  # float32 on CPU
+TOLERANCE = 1e-4  # float32 on CPU, against the independent per-pair reference
+# Packing a job with others changes the length of the matmuls it rides in, so rounding differs: measured up to
+# 1.9e-6 on CPU float32 (30 jobs). Bitwise equality across packings is not promised; equality to rounding is.
+PACKING_TOLERANCE = 1e-5
 
 
 def reference_scores(model: Any, tokenizer: Any, request: ScoreRequest) -> list[float | None]:
@@ -26,12 +29,12 @@ def reference_scores(model: Any, tokenizer: Any, request: ScoreRequest) -> list[
     ]
 
 
-def assert_close(got: list[float | None], want: list[float | None]) -> None:
+def assert_close(got: list[float | None], want: list[float | None], tolerance: float = TOLERANCE) -> None:
     assert [g is None for g in got] == [w is None for w in want]
     pairs = [(g, w) for g, w in zip(got, want, strict=True) if g is not None and w is not None]
     if pairs:
         diff = max(abs(g - w) for g, w in pairs)
-        assert diff <= TOLERANCE, f"max |packed - per-pair| = {diff:.3g}"
+        assert diff <= tolerance, f"max |got - want| = {diff:.3g}"
 
 
 @given(query=nonblank_text, documents=document_lists(), instruction=st.none() | nonblank_text)
@@ -69,7 +72,7 @@ def test_a_jobs_scores_do_not_depend_on_what_it_is_packed_with(
     together = tight.score(requests)
     for request, shared in zip(requests, together, strict=True):
         (alone,) = roomy.score([request])
-        assert_close(shared.scores, alone.scores)
+        assert_close(shared.scores, alone.scores, PACKING_TOLERANCE)
         assert alone.stats.packed_batches == 1
 
 
@@ -88,7 +91,7 @@ def test_cross_job_packing_shares_passes_and_big_jobs_span_several(
     assert big.stats.packed_batches > 1
     assert big.stats.packed_max_seq_len <= 200
     (alone,) = small.score([ScoreRequest("query", [f"a longer document number {k} " * 3 for k in range(12)])])
-    assert_close(big.scores, alone.scores)
+    assert_close(big.scores, alone.scores, PACKING_TOLERANCE)
 
 
 def test_duplicates_are_scored_once_and_blanks_get_null(engine: RerankEngine) -> None:

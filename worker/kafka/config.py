@@ -1,0 +1,81 @@
+"""kafka-python keyword arguments built from Settings: connection and security once, then consumer and producer.
+
+Checked against kafka-python 3.0.12 (FACTS.md): the consumer defaults to auto-commit and `latest`, which a job
+queue with at-least-once must not use; the producer defaults to acks=all and idempotence, set here explicitly
+anyway so a change of default cannot weaken them. Sizes: one RERANK_MAX_MESSAGE_BYTES setting drives the
+producer's request size and the consumer's fetch sizes, so a job or result the broker accepts is also one the
+clients can carry.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from worker.settings import Settings
+
+# Room for dead-letter headers and record-batch framing on top of the largest job (the producer's limit counts
+# the whole record, headers included).
+FRAMING_BYTES = 64 * 1024
+
+
+def connection_kwargs(settings: Settings, *, client_id: str) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "bootstrap_servers": [s.strip() for s in settings.bootstrap_servers.split(",") if s.strip()],
+        "client_id": client_id,
+        "security_protocol": settings.security_protocol,
+    }
+    if settings.security_protocol.startswith("SASL_"):
+        kwargs["sasl_mechanism"] = settings.sasl_mechanism or "PLAIN"
+        kwargs["sasl_plain_username"] = settings.sasl_username
+        password = settings.sasl_password
+        kwargs["sasl_plain_password"] = password.get_secret_value() if password is not None else None
+    if settings.security_protocol in ("SSL", "SASL_SSL") and settings.ssl_cafile:
+        kwargs["ssl_cafile"] = settings.ssl_cafile
+    return kwargs
+
+
+_CODEC_PACKAGES = {"gzip": "the standard library", "snappy": "python-snappy", "lz4": "lz4", "zstd": "zstandard"}
+
+
+def compression(settings: Settings) -> str | None:
+    """The producer's codec; raises ValueError at start when its package is missing (kafka-python would only say
+    so after connecting)."""
+    if settings.compression_type == "none":
+        return None
+    from kafka import codec
+
+    if not getattr(codec, f"has_{settings.compression_type}")():
+        package = _CODEC_PACKAGES[settings.compression_type]
+        raise ValueError(f"RERANK_COMPRESSION_TYPE={settings.compression_type} needs the {package} package")
+    return settings.compression_type
+
+
+def consumer_kwargs(settings: Settings, *, client_id: str, group_id: str | None) -> dict[str, Any]:
+    fetch_bytes = settings.max_message_bytes + FRAMING_BYTES
+    return {
+        **connection_kwargs(settings, client_id=client_id),
+        "group_id": group_id,
+        "enable_auto_commit": False,  # at-least-once: offsets are committed only after the result is acknowledged
+        "auto_offset_reset": "earliest",  # a new group must not skip jobs enqueued before it joined
+        "max_partition_fetch_bytes": fetch_bytes,
+        "fetch_max_bytes": max(fetch_bytes, 50 * 1024 * 1024),
+        "max_poll_records": settings.max_poll_records,
+        "session_timeout_ms": settings.session_timeout_ms,
+        "heartbeat_interval_ms": settings.heartbeat_interval_ms,
+        "max_poll_interval_ms": settings.max_poll_interval_ms,
+    }
+
+
+def producer_kwargs(settings: Settings, *, client_id: str) -> dict[str, Any]:
+    request_timeout_ms = min(30000, settings.produce_timeout_ms)
+    return {
+        **connection_kwargs(settings, client_id=client_id),
+        "acks": "all",
+        "enable_idempotence": True,
+        "compression_type": compression(settings),
+        "max_request_size": settings.max_message_bytes + FRAMING_BYTES,
+        "linger_ms": 5,
+        "request_timeout_ms": request_timeout_ms,
+        "delivery_timeout_ms": max(settings.produce_timeout_ms, request_timeout_ms + 5),
+        "max_block_ms": min(settings.produce_timeout_ms, 60000),
+    }

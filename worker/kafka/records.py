@@ -1,0 +1,119 @@
+"""The values that flow between the three threads: consumer -> GPU (WorkItem), GPU/consumer -> publisher
+(Outgoing), publisher -> consumer (the SourceRecord of a finished job, through the completions queue)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from worker.engine import EngineInfo, JobScores, ScoreRequest
+from worker.engine.plan import PreparedJob
+from worker.kafka.errors import Category
+from worker.messages import RerankJob
+
+Headers = list[tuple[str, bytes]]
+
+# Inbound headers whose value becomes the result's correlation id (first found wins); else the job_id.
+CORRELATION_HEADERS = ("rerank.correlation.id", "correlation-id", "correlation_id", "x-correlation-id")
+# The Qwen3 prompt suffix is 9 tokens (FACTS.md). Used only to estimate a batch's tokens before packing.
+SUFFIX_TOKENS_ESTIMATE = 9
+
+
+class Engine(Protocol):
+    """What the loop needs of RerankEngine (tests pass fakes)."""
+
+    @property
+    def info(self) -> EngineInfo: ...
+
+    def prepare(self, request: ScoreRequest) -> PreparedJob: ...
+
+    def score_prepared(self, jobs: Sequence[PreparedJob], *, batch_started: float | None = None) -> list[JobScores]: ...
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """Where a job came from: enough to commit it, dead-letter it byte for byte, and say so in headers."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+    timestamp_type: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+    @classmethod
+    def from_consumer_record(cls, record: Any) -> SourceRecord:
+        return cls(
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            timestamp=record.timestamp if record.timestamp is not None else -1,
+            timestamp_type=record.timestamp_type if record.timestamp_type is not None else -1,
+            key=record.key,
+            value=record.value,
+            headers=tuple(record.headers or ()),
+        )
+
+    @property
+    def where(self) -> str:
+        """`topic[partition]@offset`, the form every log line uses."""
+        return f"{self.topic}[{self.partition}]@{self.offset}"
+
+    def header(self, *names: str) -> bytes | None:
+        wanted = {n.lower() for n in names}
+        for key, value in self.headers:
+            if key.lower() in wanted:
+                return value
+        return None
+
+    def correlation_id(self, job_id: str | None) -> str:
+        for name in CORRELATION_HEADERS:
+            value = self.header(name)
+            if value:
+                return value.decode("utf-8", "replace")
+        return job_id or ""
+
+
+@dataclass
+class WorkItem:
+    """A parsed job on its way to the GPU thread."""
+
+    record: SourceRecord
+    job: RerankJob
+    prepared: PreparedJob | None = None
+    tokens: int = 0  # estimated tokens through the model, for the batch budget
+
+    def prepare(self, engine: Engine) -> None:
+        self.prepared = engine.prepare(self.job.to_score_request())
+        p = self.prepared
+        self.tokens = len(p.head_ids) + sum(len(d) + SUFFIX_TOKENS_ESTIMATE for d in p.unique_docs)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a job is dead-lettered."""
+
+    reason: str  # slug: not_json, out_of_memory, ...
+    category: Category
+    stage: str  # validate, prepare, score, publish
+    error_class: str  # fully qualified exception class
+    message: str
+    attempts: int = 1
+
+
+@dataclass
+class Outgoing:
+    """One message to publish; acknowledging it finishes `record`."""
+
+    kind: Literal["result", "dead_letter"]
+    record: SourceRecord
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: Headers = field(default_factory=list)
+    job_id: str | None = None
+    failure: Failure | None = None
+    documents: int = 0
