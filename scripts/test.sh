@@ -9,6 +9,8 @@ bash scripts/kafka/local-kafka.sh fetch   # broker jars from Maven Central, cach
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
+bash scripts/helm.sh lint --strict deploy/helm/rerank-worker   # builds Helm from the Go module proxy once (cached)
+bash scripts/helm.sh lint --strict deploy/helm/rerank-worker -f deploy/helm/ci-values-all-on.yaml
 set +e
 .venv/bin/python -m pytest "$@"
 status=$?

@@ -1,0 +1,402 @@
+"""The Helm chart (deploy/helm/rerank-worker), rendered by the real Helm CLI (scripts/helm.sh builds it when missing).
+
+Proves: both values files lint (--strict) and render; the core objects pass the Kubernetes OpenAPI schemas
+(kubernetes-validate, offline, strict) for 1.27 and the newest bundled version; the rendered manifests carry the
+fields a GPU Kafka worker needs (GPU limit, probes on the worker's port, grace period above the shutdown timeout,
+PDB, KEDA trigger on the worker's own group and topic with maxReplicaCount <= partitions, ServiceMonitor, mounted
+PVC, SASL password from a Secret); the chart names every setting of worker/settings.py with the worker's defaults;
+the worker accepts the environment the chart renders; values that break the scaling rule or the shutdown contract
+fail to render.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.deploy.conftest import ALL_ON_VALUES, CHART, Helm, load_yaml, render, template_args
+from worker.kafka.config import consumer_kwargs
+from worker.settings import ENV_PREFIX, Settings, env_name
+
+SETTING_NAMES = {env_name(name) for name in Settings.model_fields}
+# Settings the chart takes from a Secret, never from values.
+SECRET_SETTINGS = {"KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD"}
+# Deliberate chart defaults that differ from the worker's (values.yaml says why).
+CHART_OVERRIDES = {"KAFKA_BOOTSTRAP_SERVERS": "kafka:9092", "RERANK_DEVICE": "cuda"}
+WATCHDOG_S = 2  # the worker exits at the latest RERANK_SHUTDOWN_TIMEOUT_S + 2 s after SIGTERM (worker/kafka/loop.py)
+
+
+def by_kind(docs: list[Any], kind: str) -> list[Any]:
+    return [doc for doc in docs if doc.get("kind") == kind]
+
+
+def one(docs: list[Any], kind: str) -> Any:
+    found = by_kind(docs, kind)
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def worker_container(docs: list[Any]) -> Any:
+    containers = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert [c["name"] for c in containers] == ["worker"]
+    return containers[0]
+
+
+def env_entries(container: Any) -> dict[str, Any]:
+    entries = {e["name"]: e for e in container["env"]}
+    assert len(entries) == len(container["env"]), "duplicate environment variables"
+    return entries
+
+
+def plain_env(container: Any) -> dict[str, str]:
+    return {name: e["value"] for name, e in env_entries(container).items() if "value" in e}
+
+
+def container_port(container: Any, name: str) -> int:
+    (port,) = [p["containerPort"] for p in container["ports"] if p["name"] == name]
+    return int(port)
+
+
+@pytest.fixture(scope="module")
+def default_docs(helm: Helm) -> list[Any]:
+    return render(helm)
+
+
+@pytest.fixture(scope="module")
+def all_on_docs(helm: Helm) -> list[Any]:
+    return render(helm, [ALL_ON_VALUES])
+
+
+@pytest.fixture(scope="module")
+def chart_values() -> Any:
+    return load_yaml(CHART / "values.yaml")
+
+
+@pytest.fixture(scope="module")
+def all_on_values() -> Any:
+    return load_yaml(ALL_ON_VALUES)
+
+
+@pytest.fixture
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No RERANK_* or KAFKA_* variable of this process leaks into a Settings() built from a rendered env."""
+    import os
+
+    for key in list(os.environ):
+        if key.upper().startswith((ENV_PREFIX, "KAFKA_")):
+            monkeypatch.delenv(key)
+    return monkeypatch
+
+
+# -- lint --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", [None, ALL_ON_VALUES], ids=["default", "all-on"])
+def test_helm_lint_strict_passes(helm: Helm, values: Path | None) -> None:
+    args = ["lint", "--strict", str(CHART)] + (["-f", str(values)] if values else [])
+    done = helm(*args)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 chart(s) failed" in done.stdout
+
+
+# -- default values ----------------------------------------------------------------------------------------------
+
+
+def test_default_render_has_the_core_objects_and_no_optional_ones(default_docs: list[Any]) -> None:
+    kinds = sorted(doc["kind"] for doc in default_docs)
+    assert kinds == ["Deployment", "PodDisruptionBudget", "Service"]
+
+
+def test_default_deployment_requests_a_gpu_and_probes_the_worker_port(
+    default_docs: list[Any], chart_values: Any
+) -> None:
+    deployment = one(default_docs, "Deployment")
+    container = worker_container(default_docs)
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["args"] == ["run"]  # the image's ENTRYPOINT is rerank-worker
+
+    env = plain_env(container)
+    port = container_port(container, "http")
+    assert port == int(env["RERANK_HTTP_PORT"]) == 8080
+    assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+
+    pod = deployment["spec"]["template"]["spec"]
+    grace = pod["terminationGracePeriodSeconds"]
+    assert grace > float(env["RERANK_SHUTDOWN_TIMEOUT_S"]) + WATCHDOG_S
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001
+    assert deployment["spec"]["replicas"] <= chart_values["jobsTopicPartitions"]
+
+    # model cache: an emptyDir at HF_HOME when persistence is off; /tmp writable under a read-only root
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert "emptyDir" in volumes["model-cache"]
+    assert mounts["model-cache"] == env["HF_HOME"] == "/models"
+    assert mounts["tmp"] == "/tmp"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+    # PLAINTEXT by default: no credentials at all
+    assert not any("valueFrom" in e for e in container["env"])
+
+
+def test_default_pdb_and_service_select_the_worker_pods(default_docs: list[Any]) -> None:
+    pod_labels = one(default_docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    pdb = one(default_docs, "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    service = one(default_docs, "Service")
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert service["spec"]["publishNotReadyAddresses"] is True  # idle (unready) workers are scraped too
+    assert service["spec"]["ports"] == [{"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}]
+
+
+# -- every option on ---------------------------------------------------------------------------------------------
+
+
+def test_all_on_renders_every_optional_object(all_on_docs: list[Any]) -> None:
+    kinds = sorted(doc["kind"] for doc in all_on_docs)
+    assert kinds == [
+        "Deployment",
+        "PersistentVolumeClaim",
+        "PodDisruptionBudget",
+        "ScaledObject",
+        "Service",
+        "ServiceMonitor",
+        "TriggerAuthentication",
+    ]
+
+
+def test_all_on_keda_scales_on_the_workers_own_group_and_topic(all_on_docs: list[Any], all_on_values: Any) -> None:
+    deployment = one(all_on_docs, "Deployment")
+    env = plain_env(worker_container(all_on_docs))
+    scaled = one(all_on_docs, "ScaledObject")
+    spec = scaled["spec"]
+    assert spec["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert "replicas" not in deployment["spec"]  # KEDA owns the replica count; a fixed one would fight it
+
+    # scaling rule: never more workers than partitions of the jobs topic
+    assert spec["maxReplicaCount"] == all_on_values["keda"]["maxReplicaCount"]
+    assert spec["minReplicaCount"] <= spec["maxReplicaCount"] <= all_on_values["jobsTopicPartitions"]
+
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "kafka"
+    meta = trigger["metadata"]
+    assert all(isinstance(v, str) for v in meta.values()), "KEDA trigger metadata values are strings"
+    assert meta["bootstrapServers"] == env["KAFKA_BOOTSTRAP_SERVERS"]
+    assert meta["consumerGroup"] == env["RERANK_GROUP_ID"]
+    assert meta["topic"] == env["RERANK_JOBS_TOPIC"]
+    assert meta["lagThreshold"] == "50"
+    assert meta["activationLagThreshold"] == "1"
+    assert meta["allowIdleConsumers"] == "false"
+    # KEDA must reset offsets the way the worker's consumer does, or it misjudges the lag of a new group
+    settings = Settings.model_construct()  # the defaults, whatever this process's environment holds
+    assert meta["offsetResetPolicy"] == consumer_kwargs(settings, client_id="t", group_id="g")["auto_offset_reset"]
+    # SASL_SSL with SCRAM-SHA-512 in KEDA's words
+    assert meta["sasl"] == "scram_sha512"
+    assert meta["tls"] == "enable"
+
+    auth = one(all_on_docs, "TriggerAuthentication")
+    assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+    refs = {r["parameter"]: (r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]}
+    sasl = all_on_values["kafka"]["sasl"]
+    ca = all_on_values["kafka"]["tls"]["caSecret"]
+    assert refs == {
+        "username": (sasl["existingSecret"], sasl["usernameKey"]),
+        "password": (sasl["existingSecret"], sasl["passwordKey"]),
+        "ca": (ca["name"], ca["key"]),
+    }
+    assert spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"]
+
+
+def test_all_on_credentials_come_from_secrets(all_on_docs: list[Any], all_on_values: Any) -> None:
+    container = worker_container(all_on_docs)
+    entries = env_entries(container)
+    sasl = all_on_values["kafka"]["sasl"]
+    for name, key in (("KAFKA_SASL_USERNAME", sasl["usernameKey"]), ("KAFKA_SASL_PASSWORD", sasl["passwordKey"])):
+        assert entries[name] == {
+            "name": name,
+            "valueFrom": {"secretKeyRef": {"name": sasl["existingSecret"], "key": key}},
+        }
+    # the CA Secret is mounted read-only and KAFKA_SSL_CAFILE points into the mount
+    ca = all_on_values["kafka"]["tls"]["caSecret"]
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["kafka-ca"]["readOnly"] is True
+    assert entries["KAFKA_SSL_CAFILE"]["value"] == f"{mounts['kafka-ca']['mountPath']}/{ca['key']}"
+    volumes = {v["name"]: v for v in one(all_on_docs, "Deployment")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["kafka-ca"]["secret"]["secretName"] == ca["name"]
+    # extraEnv passes valueFrom through
+    assert entries["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf-token"
+
+
+def test_all_on_model_cache_pvc_is_mounted_at_hf_home(all_on_docs: list[Any], all_on_values: Any) -> None:
+    pvc = one(all_on_docs, "PersistentVolumeClaim")
+    persistence = all_on_values["modelCache"]["persistence"]
+    assert pvc["spec"]["accessModes"] == persistence["accessModes"]
+    assert pvc["spec"]["resources"]["requests"]["storage"] == persistence["size"]
+    assert pvc["spec"]["storageClassName"] == persistence["storageClassName"]
+    assert pvc["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+
+    container = worker_container(all_on_docs)
+    pod = one(all_on_docs, "Deployment")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["model-cache"]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["model-cache"] == plain_env(container)["HF_HOME"] == "/models"
+
+
+def test_all_on_servicemonitor_scrapes_the_service(all_on_docs: list[Any]) -> None:
+    monitor = one(all_on_docs, "ServiceMonitor")
+    service = one(all_on_docs, "Service")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == service["spec"]["ports"][0]["name"] == "http"
+    assert endpoint["path"] == "/metrics"
+
+
+def test_all_on_pod_settings(all_on_docs: list[Any], all_on_values: Any) -> None:
+    pod = one(all_on_docs, "Deployment")["spec"]["template"]["spec"]
+    env = plain_env(worker_container(all_on_docs))
+    assert pod["terminationGracePeriodSeconds"] == 90
+    assert pod["terminationGracePeriodSeconds"] > float(env["RERANK_SHUTDOWN_TIMEOUT_S"]) + WATCHDOG_S
+    assert pod["runtimeClassName"] == "nvidia"
+    assert pod["priorityClassName"] == "gpu-batch"
+    assert pod["nodeSelector"] == all_on_values["nodeSelector"]
+    assert one(all_on_docs, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
+    assert "maxUnavailable" not in one(all_on_docs, "PodDisruptionBudget")["spec"]
+    # numbers in a values file arrive in Helm as float64: they must still render as plain integers
+    assert env["RERANK_MAX_BATCH_TOKENS"] == "65536"
+    assert env["RERANK_SHUTDOWN_TIMEOUT_S"] == "60"
+
+
+# -- Kubernetes schemas ------------------------------------------------------------------------------------------
+
+CRD_KINDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor"}  # no bundled schema: checked field by field
+
+
+@pytest.mark.parametrize("values", [None, ALL_ON_VALUES], ids=["default", "all-on"])
+@pytest.mark.parametrize("kube_version", ["1.27.0", "latest"])  # the chart's kubeVersion floor, the newest schemas
+def test_core_objects_validate_strictly_against_kubernetes_schemas(
+    helm: Helm, values: Path | None, kube_version: str
+) -> None:
+    """Offline OpenAPI schemas (kubernetes-validate): no unknown field, no wrong type, in every core object."""
+    import kubernetes_validate
+
+    version = kubernetes_validate.latest_version() if kube_version == "latest" else kube_version
+    for doc in render(helm, [values] if values else []):
+        if doc["kind"] in CRD_KINDS:
+            with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+                kubernetes_validate.validate(doc, version, strict=True)
+            continue
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{doc['kind']} invalid for Kubernetes {version} at {list(e.path)}: {e.message}")
+
+
+# -- the chart against worker/settings.py ------------------------------------------------------------------------
+
+
+def test_values_name_every_setting_with_the_workers_defaults(chart_values: Any) -> None:
+    env = chart_values["env"]
+    assert set(env) | SECRET_SETTINGS == SETTING_NAMES, "values.yaml env drifted from worker/settings.py"
+    assert not set(env) & SECRET_SETTINGS, "SASL credentials must come from a Secret, not values"
+    for name, field in Settings.model_fields.items():
+        variable = env_name(name)
+        if variable in SECRET_SETTINGS:
+            continue
+        assert isinstance(env[variable], str), f"{variable}: quote it (values are strings)"
+        expected = CHART_OVERRIDES.get(variable, "" if field.default is None else str(field.default))
+        assert env[variable] == expected, f"{variable}: values.yaml {env[variable]!r}, expected {expected!r}"
+
+
+def test_all_on_render_sets_every_setting_but_the_empty_ones(all_on_docs: list[Any], all_on_values: Any) -> None:
+    entries = env_entries(worker_container(all_on_docs))
+    settings_in_env = {name for name in entries if name in SETTING_NAMES}
+    merged = {**load_yaml(CHART / "values.yaml")["env"], **all_on_values["env"]}
+    expected_unset = {name for name, value in merged.items() if value == ""} - {"KAFKA_SSL_CAFILE"}  # from caSecret
+    assert settings_in_env == SETTING_NAMES - expected_unset
+    # nothing else that looks like a setting: a typo would be refused by the worker at start
+    others = {name for name in entries if name not in SETTING_NAMES}
+    assert others == {"HF_HOME", "HF_HUB_OFFLINE", "HF_TOKEN"}
+
+
+@pytest.mark.parametrize("values", [None, ALL_ON_VALUES], ids=["default", "all-on"])
+def test_worker_accepts_the_rendered_environment(
+    helm: Helm, values: Path | None, clean_environ: pytest.MonkeyPatch
+) -> None:
+    docs = render(helm, [values] if values else [])
+    for name, entry in env_entries(worker_container(docs)).items():
+        if not name.startswith((ENV_PREFIX, "KAFKA_")):
+            continue
+        value = entry.get("value", f"secret-from-{name}")  # valueFrom: the Secret's content at run time
+        clean_environ.setenv(name, value)
+    settings = Settings()  # raises on unknown RERANK_* names, bad values or contradictions
+    assert settings.http_port == 8080
+    if values:
+        assert settings.security_protocol == "SASL_SSL"
+        assert settings.sasl_mechanism == "SCRAM-SHA-512"
+        assert settings.max_batch_tokens == 65536
+        assert settings.shutdown_timeout_s == 60.0
+        assert settings.sasl_password is not None
+        assert settings.sasl_password.get_secret_value() == "secret-from-KAFKA_SASL_PASSWORD"
+
+
+# -- values that must not render ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        ({"keda.enabled": "true", "keda.maxReplicaCount": "7"}, "keda.maxReplicaCount=7 exceeds jobsTopicPartitions=6"),
+        ({"keda.enabled": "true", "keda.minReplicaCount": "4", "keda.maxReplicaCount": "3"}, "keda.minReplicaCount=4"),
+        ({"replicaCount": "7"}, "replicaCount=7 exceeds jobsTopicPartitions=6"),
+        ({"jobsTopicPartitions": "0"}, "jobsTopicPartitions must be"),
+        ({"terminationGracePeriodSeconds": "30"}, "must exceed RERANK_SHUTDOWN_TIMEOUT_S=30"),
+        ({"terminationGracePeriodSeconds": "32"}, "must exceed RERANK_SHUTDOWN_TIMEOUT_S=30"),
+        (
+            {"env.RERANK_SHUTDOWN_TIMEOUT_S": "120", "terminationGracePeriodSeconds": "90"},
+            "RERANK_SHUTDOWN_TIMEOUT_S=120",
+        ),
+        ({"env.KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}, "needs kafka.sasl.existingSecret"),
+        ({"env.KAFKA_SASL_PASSWORD": "hunter2"}, "env.KAFKA_SASL_PASSWORD is not read from values"),
+        ({"env.KAFKA_SASL_USERNAME": "svc"}, "env.KAFKA_SASL_USERNAME is not read from values"),
+        ({"env.RERANK_HTTP_PORT": "0"}, "RERANK_HTTP_PORT must be a fixed port"),
+        ({"env.RERANK_HTTP_HOST": "127.0.0.1"}, "must not be a loopback address"),
+        ({"gpu.enabled": "false"}, "gpu.enabled=false with RERANK_DEVICE=cuda"),
+        ({"kafka.tls.caSecret.name": "ca", "env.KAFKA_SSL_CAFILE": "/ca.pem"}, "not both"),
+    ],
+)
+def test_bad_values_fail_to_render(helm: Helm, sets: dict[str, str], message: str) -> None:
+    done = helm(*template_args(sets=sets))
+    assert done.returncode != 0, f"rendered although {sets}"
+    assert message in done.stderr, done.stderr
+
+
+def test_scaling_rule_boundary_renders(helm: Helm) -> None:
+    """maxReplicaCount == partitions is allowed (one worker per partition); one more is not (above)."""
+    docs = render(helm, sets={"keda.enabled": "true", "keda.maxReplicaCount": "6", "keda.minReplicaCount": "0"})
+    assert one(docs, "ScaledObject")["spec"]["maxReplicaCount"] == 6
+    docs = render(helm, sets={"jobsTopicPartitions": "24", "replicaCount": "24"})
+    assert one(docs, "Deployment")["spec"]["replicas"] == 24
+
+
+@pytest.mark.parametrize("shutdown", ["10", "30.0", "60", "119.5"])
+def test_grace_period_follows_the_shutdown_timeout(helm: Helm, shutdown: str) -> None:
+    docs = render(helm, sets={"env.RERANK_SHUTDOWN_TIMEOUT_S": shutdown})
+    grace = one(docs, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace == math.ceil(float(shutdown)) + 15
+    assert grace > float(shutdown) + WATCHDOG_S
+
+
+def test_cpu_only_release_renders_without_gpu(helm: Helm) -> None:
+    docs = render(helm, sets={"gpu.enabled": "false", "env.RERANK_DEVICE": "cpu"})
+    container = worker_container(docs)
+    assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
+    assert plain_env(container)["RERANK_DEVICE"] == "cpu"
