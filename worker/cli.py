@@ -169,6 +169,94 @@ def cmd_enqueue(args: argparse.Namespace) -> None:
         print(ranked_table(outcome, job.document_texts()))
 
 
+def _time_or_fail(text: str | None, flag: str) -> int | None:
+    from worker.kafka.replay import parse_time
+
+    if text is None:
+        return None
+    try:
+        return parse_time(text)
+    except ValueError as e:
+        fail(EXIT_USAGE, f"{flag}: {e}")
+
+
+def cmd_replay(args: argparse.Namespace) -> None:
+    from kafka.errors import KafkaError
+
+    from worker.kafka.errors import FatalError
+    from worker.kafka.logs import configure_logging
+    from worker.kafka.loop import default_worker_id
+    from worker.kafka.replay import check_range, replay, replay_group_id
+
+    settings = load_settings(model=args.model, device=args.device)
+    from_ms = _time_or_fail(args.from_time, "--from")
+    to_ms = _time_or_fail(args.to_time, "--to")
+    assert from_ms is not None
+    try:  # bad options fail before the model loads
+        check_range(from_ms, to_ms)
+        replay_group_id(settings, "check", args.group_id)
+    except ValueError as e:
+        fail(EXIT_USAGE, str(e))
+    configure_logging(settings.log_level, settings.worker_id or default_worker_id())
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    engine = build_engine(settings)
+    try:
+        summary = replay(
+            settings,
+            engine,
+            from_ms=from_ms,
+            to_ms=to_ms,
+            reply_topic=args.reply_topic,
+            group_id=args.group_id,
+            progress=not args.no_progress,
+        )
+    except ValueError as e:
+        fail(EXIT_USAGE, str(e))
+    except (FatalError, KafkaError) as e:
+        fail(EXIT_KAFKA, f"replay failed: {e}")
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(summary.as_json()) + b"\n")
+    else:
+        print(summary.describe())
+
+
+def cmd_dlq_list(args: argparse.Namespace) -> None:
+    from kafka.errors import KafkaError
+
+    from worker.kafka.dlq import list_dead_letters
+    from worker.kafka.errors import FatalError
+
+    settings = load_settings()
+    since_ms = _time_or_fail(args.since, "--since")
+    try:
+        summary = list_dead_letters(settings, reasons=args.reason, since_ms=since_ms, limit=args.limit)
+    except (FatalError, KafkaError) as e:
+        fail(EXIT_KAFKA, f"dlq list failed: {e}")
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(summary.as_json(), option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        print(summary.describe())
+
+
+def cmd_dlq_requeue(args: argparse.Namespace) -> None:
+    from kafka.errors import KafkaError
+
+    from worker.kafka.dlq import requeue
+    from worker.kafka.errors import FatalError
+
+    if not (args.reason or args.since or args.all):
+        fail(EXIT_USAGE, "choose dead letters with --reason and/or --since, or requeue every one with --all")
+    settings = load_settings()
+    since_ms = _time_or_fail(args.since, "--since")
+    try:
+        report = requeue(settings, reasons=args.reason, since_ms=since_ms, dry_run=args.dry_run, to_topic=args.to_topic)
+    except (FatalError, KafkaError) as e:
+        fail(EXIT_KAFKA, f"dlq requeue failed: {e}")
+    print(report.describe())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rerank-worker", description="Qwen3-Reranker worker.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -199,14 +287,63 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
     enqueue.set_defaults(func=cmd_enqueue)
 
+    time_help = "ISO-8601 (2026-11-27T10:00:00Z), epoch milliseconds, or relative (-2h, -30m)"
+    replay = sub.add_parser(
+        "replay",
+        help="re-score the jobs of a time range of RERANK_JOBS_TOPIC with this model; results marked as replays",
+    )
+    replay.add_argument("--from", dest="from_time", required=True, metavar="TIME", help=f"range start: {time_help}")
+    replay.add_argument("--to", dest="to_time", metavar="TIME", help="range end, exclusive; default: the end now")
+    replay.add_argument("--reply-topic", help="topic of the replayed results (default RERANK_RESULTS_TOPIC)")
+    replay.add_argument("--group-id", help="consumer group (default <RERANK_GROUP_ID>.replay.<replay id>)")
+    replay.add_argument("--model", help="model name or local directory (overrides RERANK_MODEL)")
+    replay.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides RERANK_DEVICE)")
+    replay.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    replay.add_argument("--json", action="store_true", help="print the summary as JSON")
+    replay.set_defaults(func=cmd_replay)
+
+    dlq = sub.add_parser("dlq", help="inspect and requeue the dead letters of RERANK_DLQ_TOPIC")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+    dlq_list = dlq_sub.add_parser("list", help="dead letters: counts by reason and the newest entries")
+    dlq_list.add_argument("--since", metavar="TIME", help=f"dead-lettered at or after: {time_help}")
+    dlq_list.add_argument("--reason", action="append", help="only this reason; repeat for more")
+    dlq_list.add_argument("--limit", type=int, default=50, help="entries shown, newest (default 50; 0: all)")
+    dlq_list.add_argument("--json", action="store_true", help="print JSON: total, by_reason, entries")
+    dlq_list.set_defaults(func=cmd_dlq_list)
+    dlq_requeue = dlq_sub.add_parser("requeue", help="re-publish chosen dead letters' original bytes as jobs")
+    dlq_requeue.add_argument("--reason", action="append", help="only this reason; repeat for more")
+    dlq_requeue.add_argument("--since", metavar="TIME", help=f"dead-lettered at or after: {time_help}")
+    dlq_requeue.add_argument("--all", action="store_true", help="every dead letter (without --reason or --since)")
+    dlq_requeue.add_argument("--dry-run", action="store_true", help="print what would be requeued, send nothing")
+    dlq_requeue.add_argument("--to-topic", help="send them there instead of RERANK_JOBS_TOPIC")
+    dlq_requeue.set_defaults(func=cmd_dlq_requeue)
+
     schemas = sub.add_parser("schemas", help="write the wire JSON Schemas into a folder")
     schemas.add_argument("--out", default="schemas")
     schemas.set_defaults(func=cmd_schemas)
     return parser
 
 
+_TIME_FLAGS = ("--from", "--to", "--since")
+
+
+def _relative_times_attached(argv: list[str]) -> list[str]:
+    """`--from -2h` as `--from=-2h`: argparse would read `-2h` as an option and fail."""
+    if not any(arg in _TIME_FLAGS for arg in argv):
+        return argv
+    from worker.kafka.replay import is_relative_time
+
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in _TIME_FLAGS and is_relative_time(arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_relative_times_attached(sys.argv[1:] if argv is None else argv))
     args.func(args)
 
 

@@ -130,6 +130,16 @@ class RerankMeta(_Wire):
     attention: str = Field(description="Attention backend: `flex_attention`, `sdpa` or `eager`.")
 
 
+class ReplayInfo(_Wire):
+    """Where the job of a replayed result was read (`rerank-worker replay`); absent on the workers' results."""
+
+    replay_id: str = Field(description="Identifier of the replay run; also the `rerank.replay.id` header.")
+    source_topic: str = Field(description="Topic the job was read from.")
+    source_partition: int = Field(ge=0, description="Partition the job was read from.")
+    source_offset: int = Field(ge=0, description="Offset of the job in that partition.")
+    source_timestamp: int = Field(description="Kafka timestamp of the job record, epoch milliseconds.")
+
+
 class RerankResult(_Wire):
     """The ranked documents of one job."""
 
@@ -144,10 +154,28 @@ class RerankResult(_Wire):
     metadata: dict[str, Any] = Field(description="The job's `metadata`, unchanged.")
     meta: RerankMeta
     scored_at: datetime = Field(description="When the scores were computed (UTC).")
+    replay: ReplayInfo | None = Field(
+        None,
+        description="Only on results of `rerank-worker replay`: the job's source record and the replay run. "
+        "Absent on the workers' results.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler: Any) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("replay") is None:
+            data.pop("replay", None)
+        return data
 
     @classmethod
     def from_scores(
-        cls, job: RerankJob, scored: JobScores, engine: EngineInfo, *, scored_at: datetime | None = None
+        cls,
+        job: RerankJob,
+        scored: JobScores,
+        engine: EngineInfo,
+        *,
+        scored_at: datetime | None = None,
+        replay: ReplayInfo | None = None,
     ) -> RerankResult:
         ranked = sorted(
             range(len(scored.scores)),
@@ -194,6 +222,7 @@ class RerankResult(_Wire):
             metadata=job.metadata,
             meta=meta,
             scored_at=scored_at or datetime.now(UTC),
+            replay=replay,
         )
 
 

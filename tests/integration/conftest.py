@@ -296,3 +296,45 @@ def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
         return out
     finally:
         consumer.close(autocommit=False)
+
+
+@dataclass(frozen=True)
+class CliRun:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def run_cli(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny_model_dir: Path
+) -> Callable[..., CliRun]:
+    """`rerank-worker ARGS` in this process (no interpreter start, no torch import: fast), with `settings` as its
+    environment (RERANK_MODEL: the session's tiny model); returns its exit code, stdout and stderr."""
+    import logging
+
+    from worker import cli
+
+    root, kafka_log = logging.getLogger(), logging.getLogger("kafka")
+    # The commands configure logging for a process of their own: keep this process's handlers and levels.
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+    monkeypatch.setattr(kafka_log, "level", kafka_log.level)
+
+    def run(settings: Settings, *args: str) -> CliRun:
+        for name in list(os.environ):
+            if name.startswith((ENV_PREFIX, "KAFKA_")):
+                monkeypatch.delenv(name)
+        for name, value in worker_env(settings, tiny_model_dir).items():
+            if name.startswith((ENV_PREFIX, "KAFKA_")):
+                monkeypatch.setenv(name, value)
+        capsys.readouterr()
+        try:
+            cli.main(list(args))
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        captured = capsys.readouterr()
+        return CliRun(code, captured.out, captured.err)
+
+    return run
