@@ -54,7 +54,6 @@ from worker.kafka.offsets import OffsetTracker
 from worker.kafka.publish import Publisher
 from worker.kafka.records import Engine, Failure, Outgoing, SourceRecord, WorkItem
 from worker.kafka.scoring import Scorer
-from worker.messages import parse_job
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -267,13 +266,7 @@ class Worker:
         self.tracker.add(_tp(record), record.offset)
         job_id = record.key.decode("utf-8", "replace") if record.key else None
         try:
-            size = len(record.value or b"")
-            if size > self.settings.max_message_bytes:
-                raise PermanentError(
-                    "message_too_large",
-                    f"job of {size} bytes exceeds RERANK_MAX_MESSAGE_BYTES={self.settings.max_message_bytes}",
-                )
-            job = parse_job(record.value or b"", max_docs=self.settings.max_docs)
+            job = record.parse_job(max_message_bytes=self.settings.max_message_bytes, max_docs=self.settings.max_docs)
             job_id = job.job_id
             if job.reply_topic is not None and not self.allowed_reply.fullmatch(job.reply_topic):
                 raise PermanentError(

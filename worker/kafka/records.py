@@ -9,8 +9,8 @@ from typing import Any, Literal, Protocol
 
 from worker.engine import EngineInfo, JobScores, ScoreRequest
 from worker.engine.plan import PreparedJob
-from worker.kafka.errors import Category
-from worker.messages import RerankJob
+from worker.kafka.errors import Category, PermanentError
+from worker.messages import RerankJob, parse_job
 
 Headers = list[tuple[str, bytes]]
 
@@ -56,6 +56,15 @@ class SourceRecord:
             value=record.value,
             headers=tuple(record.headers or ()),
         )
+
+    def parse_job(self, *, max_message_bytes: int, max_docs: int) -> RerankJob:
+        """The job this record carries, or PermanentError / InvalidJobError saying why it can never be one."""
+        size = len(self.value or b"")
+        if size > max_message_bytes:
+            raise PermanentError(
+                "message_too_large", f"job of {size} bytes exceeds RERANK_MAX_MESSAGE_BYTES={max_message_bytes}"
+            )
+        return parse_job(self.value or b"", max_docs=max_docs)
 
     @property
     def where(self) -> str:

@@ -48,7 +48,7 @@ from worker.kafka.errors import FatalError, PermanentError, is_out_of_memory, on
 from worker.kafka.logs import job_fields
 from worker.kafka.records import Engine, SourceRecord, WorkItem
 from worker.kafka.scoring import FATAL_AFTER_FAILED_JOBS, engine_with_budget
-from worker.messages import ReplayInfo, RerankResult, parse_job
+from worker.messages import ReplayInfo, RerankResult
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -350,13 +350,7 @@ class Replay:
     def read(self, record: SourceRecord) -> None:
         job_id = record.key.decode("utf-8", "replace") if record.key else None
         try:
-            size = len(record.value or b"")
-            if size > self.settings.max_message_bytes:
-                raise PermanentError(
-                    "message_too_large",
-                    f"job of {size} bytes exceeds RERANK_MAX_MESSAGE_BYTES={self.settings.max_message_bytes}",
-                )
-            job = parse_job(record.value or b"", max_docs=self.settings.max_docs)
+            job = record.parse_job(max_message_bytes=self.settings.max_message_bytes, max_docs=self.settings.max_docs)
             job_id = job.job_id
             item = WorkItem(record, job)
             item.prepare(self.engine)
