@@ -64,12 +64,16 @@ class PromptTokenizer:
         self._doc_cache: OrderedDict[str, EncodedDocument] = OrderedDict()
         self._doc_cache_size = doc_cache_size
 
-    def with_limits(self, *, max_query_tokens: int, max_doc_tokens: int) -> PromptTokenizer:
-        """A tokenizer with other truncation limits sharing this one's tokenizers (copying them costs ~1 s)."""
+    def with_limits(
+        self, *, max_query_tokens: int, max_doc_tokens: int, doc_cache_size: int | None = None
+    ) -> PromptTokenizer:
+        """A tokenizer with other limits sharing this one's tokenizers (copying them costs ~1 s)."""
         clone = copy.copy(self)
         clone.max_query_tokens = max_query_tokens
         clone.max_doc_tokens = max_doc_tokens
         clone._doc_cache = OrderedDict()  # cached ids were cut to the old limit
+        if doc_cache_size is not None:
+            clone._doc_cache_size = doc_cache_size
         return clone
 
     @staticmethod
