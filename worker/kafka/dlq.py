@@ -340,20 +340,9 @@ def requeue(
 
 def _producer_for(settings: Settings, topic: str, stack: ExitStack) -> Any:
     """The worker's producer (acks=all, idempotent), once `topic` is known to exist; closed with `stack`."""
-    from kafka import KafkaProducer
+    from worker.kafka.topics import open_producer, require_topics
 
-    from worker.kafka.config import producer_kwargs
-
-    servers = settings.bootstrap_servers
-    try:
-        producer = KafkaProducer(**producer_kwargs(settings, client_id="rerank-dlq-requeue"))
-    except Exception as e:
-        raise FatalError(f"cannot start the Kafka producer for {servers}: {one_line(e)}") from e
+    producer = open_producer(settings, client_id="rerank-dlq-requeue")
     stack.callback(producer.close, timeout=10)
-    try:
-        partitions = producer.partitions_for(topic)
-    except Exception as e:
-        raise FatalError(f"topic {topic!r} is not available on {servers}: {one_line(e)}") from e
-    if not partitions:
-        raise FatalError(f"topic {topic!r} has no partitions on {servers}")
+    require_topics(producer, settings, [topic])
     return producer

@@ -39,12 +39,12 @@ from contextlib import ExitStack
 from types import FrameType
 from typing import Any
 
-from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
+from kafka import ConsumerRebalanceListener, KafkaConsumer
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from worker.engine import InvalidJobError
-from worker.kafka.config import compression, consumer_kwargs, producer_kwargs
+from worker.kafka.config import compression, consumer_kwargs
 from worker.kafka.deadletter import dead_letter, failure_from
 from worker.kafka.errors import FatalError, PermanentError, is_transient, one_line
 from worker.kafka.http import HealthServer
@@ -54,6 +54,7 @@ from worker.kafka.offsets import OffsetTracker
 from worker.kafka.publish import Publisher
 from worker.kafka.records import Engine, Failure, Outgoing, SourceRecord, WorkItem
 from worker.kafka.scoring import Scorer
+from worker.kafka.topics import open_producer, require_topics
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -163,24 +164,9 @@ class Worker:
             compression(s)
         except ValueError as e:
             raise FatalError(str(e)) from None
-        try:
-            self.producer = KafkaProducer(**producer_kwargs(s, client_id=f"{self.worker_id}-producer"))
-        except Exception as e:
-            raise FatalError(f"cannot start the Kafka producer for {servers}: {one_line(e)}") from e
+        self.producer = open_producer(s, client_id=f"{self.worker_id}-producer")
         stack.callback(self._close_producer)
-        for topic in (s.jobs_topic, s.results_topic, s.dlq_topic):
-            try:
-                partitions = self.producer.partitions_for(topic)
-            except Exception as e:
-                partitions = None
-                detail = one_line(e)
-            else:
-                detail = "no partitions"
-            if not partitions:
-                raise FatalError(
-                    f"topic {topic!r} is not available on {servers} ({detail}): create it, or enable "
-                    "auto.create.topics.enable on the broker"
-                )
+        require_topics(self.producer, s, (s.jobs_topic, s.results_topic, s.dlq_topic))
         try:
             self.consumer = KafkaConsumer(
                 **consumer_kwargs(s, client_id=f"{self.worker_id}-consumer", group_id=s.group_id)

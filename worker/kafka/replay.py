@@ -510,10 +510,11 @@ def replay(
     """Re-score the jobs of [from_ms, to_ms) and publish the results, marked as replays; see the module doc.
 
     Raises ValueError for bad options (before connecting), FatalError when Kafka fails."""
-    from kafka import KafkaConsumer, KafkaProducer
+    from kafka import KafkaConsumer
 
-    from worker.kafka.config import compression, consumer_kwargs, producer_kwargs
+    from worker.kafka.config import compression, consumer_kwargs
     from worker.kafka.loop import default_worker_id
+    from worker.kafka.topics import open_producer, require_topics
 
     check_range(from_ms, to_ms)
     compression(settings)  # ValueError when the codec's package is missing
@@ -522,17 +523,9 @@ def replay(
     worker_id = settings.worker_id or default_worker_id()
     target = reply_topic or settings.results_topic
     servers = settings.bootstrap_servers
+    producer = open_producer(settings, client_id=f"rerank-replay-{replay_id}-producer")
     try:
-        producer = KafkaProducer(**producer_kwargs(settings, client_id=f"rerank-replay-{replay_id}-producer"))
-    except Exception as e:
-        raise FatalError(f"cannot start the Kafka producer for {servers}: {one_line(e)}") from e
-    try:
-        try:
-            partitions = producer.partitions_for(target)
-        except Exception as e:
-            raise FatalError(f"reply topic {target!r} is not available on {servers}: {one_line(e)}") from e
-        if not partitions:
-            raise FatalError(f"reply topic {target!r} has no partitions on {servers}")
+        require_topics(producer, settings, [target])
         try:
             consumer = KafkaConsumer(
                 **consumer_kwargs(settings, client_id=f"rerank-replay-{replay_id}-consumer", group_id=group)

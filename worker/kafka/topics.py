@@ -7,12 +7,14 @@ topics (`max.message.bytes`), and `compression.type=producer` keeps what the pro
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient
 
-from worker.kafka.config import FRAMING_BYTES, connection_kwargs
+from worker.kafka.config import FRAMING_BYTES, connection_kwargs, producer_kwargs
+from worker.kafka.errors import FatalError, one_line
 from worker.settings import Settings
 
 TOPIC_ALREADY_EXISTS = 36
@@ -44,3 +46,28 @@ def ensure_topics(settings: Settings, partitions: Mapping[str, int], *, timeout_
         return sorted(wanted)
     finally:
         admin.close()
+
+
+def open_producer(settings: Settings, *, client_id: str) -> Any:
+    """The worker's producer (acks=all, idempotent, sized and compressed as configured), or FatalError."""
+    try:
+        return KafkaProducer(**producer_kwargs(settings, client_id=client_id))
+    except Exception as e:
+        raise FatalError(f"cannot start the Kafka producer for {settings.bootstrap_servers}: {one_line(e)}") from e
+
+
+def require_topics(producer: Any, settings: Settings, topics: Iterable[str]) -> None:
+    """FatalError unless every topic exists with partitions (checked through the producer's metadata)."""
+    for topic in topics:
+        try:
+            partitions = producer.partitions_for(topic)
+        except Exception as e:
+            partitions = None
+            detail = one_line(e)
+        else:
+            detail = "no partitions"
+        if not partitions:
+            raise FatalError(
+                f"topic {topic!r} is not available on {settings.bootstrap_servers} ({detail}): create it, or "
+                "enable auto.create.topics.enable on the broker"
+            )
