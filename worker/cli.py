@@ -8,6 +8,7 @@ Errors are one line on stderr.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import uuid
 from pathlib import Path
@@ -48,6 +49,8 @@ def build_engine(settings: Settings) -> RerankEngine:
             device=settings.device,
             dtype=settings.dtype,
             attention=settings.attention,
+            forward=settings.forward,
+            compile=settings.compile,
             max_batch_tokens=settings.max_batch_tokens,
             max_doc_tokens=settings.max_doc_tokens,
             max_query_tokens=settings.max_query_tokens,
@@ -92,8 +95,19 @@ def cmd_run(args: argparse.Namespace) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # stderr carries JSON lines only
-    engine = build_engine(settings)
+    engine = warm(build_engine(settings))
     raise SystemExit(run_worker(settings, engine))
+
+
+def warm(engine: RerankEngine) -> RerankEngine:
+    """Compile and allocate before the first job (bounded: three synthetic packs), and say how long it took."""
+    import logging
+
+    seconds = engine.warm_up()
+    logging.getLogger("worker.cli").info(
+        "engine warm", extra={"warm_up_s": round(seconds, 2), "engine": dataclasses.asdict(engine.info)}
+    )
+    return engine
 
 
 def _job_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -201,7 +215,7 @@ def cmd_replay(args: argparse.Namespace) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    engine = build_engine(settings)
+    engine = warm(build_engine(settings))
     try:
         summary = replay(
             settings,

@@ -106,8 +106,9 @@ def build_random_reranker(out_dir: Path, size: ModelSize = "tiny", seed: int = 0
 
     Random weights score every document alike: the last hidden state is dominated by the last suffix token, shared
     by all documents. To make documents distinguishable, the "no" embedding row (the head is tied to the
-    embeddings) is set to the "yes" row plus an offset orthogonal to the hidden state common to all documents,
-    scaled so that the yes-minus-no logit spreads by a few units across documents.
+    embeddings) is set to the "yes" row plus an offset along the direction in which probe documents' last hidden
+    states differ most (orthogonal to the state common to all), scaled so that the yes-minus-no logit spreads by a
+    few units across documents.
     """
     import torch
     from transformers import AutoTokenizer, Qwen3ForCausalLM
@@ -123,7 +124,11 @@ def build_random_reranker(out_dir: Path, size: ModelSize = "tiny", seed: int = 0
     probe_hidden = _probe_hidden_states(model, tokenizer)  # [num_probes, hidden]
     common = probe_hidden.mean(0)
     common = common / common.norm()
-    offset = torch.randn(probe_hidden.shape[1])
+    # The direction along which documents differ most (top principal component of the centred probe states),
+    # not a random one: a random direction sees ~1/hidden of the between-document variance, so bf16 rounding
+    # would swamp the spread, which a trained reranker's yes/no direction does not.
+    centred = probe_hidden - probe_hidden.mean(0)
+    offset = torch.linalg.svd(centred, full_matrices=False).Vh[0]
     offset -= (offset @ common) * common
     offset *= 3.0 / (probe_hidden @ offset).std().clamp_min(1e-6)
     with torch.no_grad():

@@ -38,9 +38,21 @@ class Settings(BaseSettings):
         description="Model weights and activations: `auto` is bfloat16 on CUDA and float32 on CPU. "
         "The final yes/no projection always runs in float32.",
     )
-    attention: Literal["auto", "flex_attention", "sdpa", "eager"] = Field(
+    attention: Literal["auto", "flash_varlen", "flex_attention", "sdpa", "eager"] = Field(
         "auto",
-        description="Attention kernel: `auto` is FlexAttention (BlockMask) on CUDA and SDPA with a dense mask on CPU.",
+        description="Attention kernel: `auto` is FlashAttention varlen (per-segment calls, no mask) on CUDA in "
+        "bfloat16/float16, FlexAttention (block mask from segment ids) on CUDA in float32, SDPA with a dense mask "
+        "on CPU. `eager` runs the model's own decoder.",
+    )
+    forward: Literal["auto", "packed", "transformers"] = Field(
+        "auto",
+        description="`packed`: the worker's own Qwen3 forward over the loaded weights (fused projections, the last "
+        "layer on document ends only); `transformers`: the model's own decoder. `auto`: packed for Qwen3 models.",
+    )
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="torch.compile the packed forward's layer steps (dynamic pack length: compiled once at "
+        "warm-up). `auto`: on for CUDA, off for CPU.",
     )
     max_doc_tokens: PositiveInt = Field(512, description="Each document is cut to this many tokens.")
     max_query_tokens: PositiveInt = Field(

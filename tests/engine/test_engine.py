@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ TOLERANCE = 1e-4  # float32 on CPU, against the independent per-pair reference
 # Packing a job with others changes the length of the matmuls it rides in, so rounding differs: measured up to
 # 1.9e-6 on CPU float32 (30 jobs). Bitwise equality across packings is not promised; equality to rounding is.
 PACKING_TOLERANCE = 1e-5
+WORDS = "river stone light data model price city music energy water book chair".split()
 
 
 def reference_scores(model: Any, tokenizer: Any, request: ScoreRequest) -> list[float | None]:
@@ -152,6 +154,40 @@ def test_engine_reports_what_it_runs(engine: RerankEngine) -> None:
     info = engine.info
     if info.device == "cpu":
         assert (info.dtype, info.attention, info.max_batch_tokens) == ("float32", "sdpa", 4096)
+        assert (info.forward, info.compiled) == ("packed-qwen3", False)
     else:
         assert info.device.startswith("cuda")
         assert (info.attention, info.max_batch_tokens) == ("flex_attention", 32768)
+        assert (info.forward, info.compiled) == ("packed-qwen3", True)
+
+
+@pytest.mark.parametrize(
+    ("forward", "attention"), [("packed", "flex_attention"), ("transformers", "sdpa"), ("transformers", "eager")]
+)
+def test_every_forward_and_attention_gives_the_same_scores(
+    engine: RerankEngine, tiny_model_dir: Path, forward: str, attention: str
+) -> None:
+    """The packed Qwen3 forward (SDPA: the fixture; FlexAttention over the block structure) and the model's own
+    decoder with a dense mask agree. On CPU FlexAttention runs unfused (torch warns); the GPU suite runs it fused."""
+    rng = np.random.default_rng(7)
+    requests = [
+        ScoreRequest(f"query {j}", [" ".join(rng.choice(WORDS, int(rng.integers(1, 40)))) for _ in range(12)])
+        for j in range(3)
+    ]
+    other = RerankEngine.load(
+        str(tiny_model_dir),
+        device=engine.info.device,
+        dtype=engine.info.dtype,
+        attention=attention,
+        forward=forward,
+        compile="off",
+        max_batch_tokens=2048,
+    )
+    assert other.info.forward == ("packed-qwen3" if forward == "packed" else "transformers")
+    for got, want in zip(other.score(requests), engine.score(requests), strict=True):
+        assert_close(got.scores, want.scores, PACKING_TOLERANCE)
+
+
+def test_forward_packed_refuses_what_it_cannot_run(tiny_model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="eager attention"):
+        RerankEngine.load(str(tiny_model_dir), device="cpu", attention="eager", forward="packed")

@@ -8,7 +8,7 @@ projection. That one dot product runs in fp32 whatever the model's dtype (bf16 m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -18,7 +18,7 @@ from torch import Tensor
 from worker.engine.masks import dense_mask, packed_rerank_mask
 from worker.engine.plan import PackArrays
 
-AttentionBackend = Literal["flex_attention", "sdpa", "eager"]
+AttentionBackend = Literal["flash_varlen", "flex_attention", "sdpa", "eager"]
 # FlexAttention works on 128x128 blocks: padding to a multiple of the block keeps every block whole.
 FLEX_BLOCK = 128
 
@@ -28,6 +28,63 @@ class BackendInfo:
     device: str
     dtype: str
     attention: AttentionBackend
+    forward: str = "transformers"  # "packed-qwen3": worker.engine.qwen3; "transformers": the model's own decoder
+    compiled: bool = False
+
+
+class PackScorer(Protocol):
+    """What the engine needs of a backend: score one pack's document ends."""
+
+    device: torch.device
+    pad_to_multiple: int
+
+    @property
+    def info(self) -> BackendInfo: ...
+
+    def score_pack(self, arrays: PackArrays) -> npt.NDArray[np.float32]: ...
+
+
+def load_scorer(
+    model_name_or_path: str,
+    *,
+    device: str,
+    dtype: str,
+    attention: str,
+    forward: str = "auto",
+    compile: str = "auto",
+    yes_id: int,
+    no_id: int,
+) -> PackScorer:
+    """Load the model with `from_pretrained` and pick the forward: the packed Qwen3 one where it applies (Qwen3
+    configs; FlashAttention varlen, FlexAttention or SDPA), else the model's own decoder (`forward="transformers"`,
+    eager attention, other architectures)."""
+    from transformers import AutoModelForCausalLM
+
+    from worker.engine.qwen3 import Qwen3PackedScorer, unsupported_reason
+
+    if forward not in ("auto", "packed", "transformers"):
+        raise ValueError(f"unknown forward {forward!r}")
+    if compile not in ("auto", "on", "off"):
+        raise ValueError(f"unknown compile setting {compile!r}")
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    attn = resolve_attention(attention, torch_device, torch_dtype)
+    # the model's own attention serves only the transformers path, which has no varlen layout: Flex there
+    hf_attn: AttentionBackend = "flex_attention" if attn == "flash_varlen" else attn
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        model_name_or_path, dtype=torch_dtype, attn_implementation=hf_attn
+    )
+    model.to(torch_device).eval().requires_grad_(False)
+    reason = unsupported_reason(model.config)
+    if attn == "eager":
+        reason = "eager attention"
+    if forward == "packed" and reason is not None:
+        raise ValueError(f"RERANK_FORWARD=packed cannot run this model: {reason}")
+    if forward == "transformers" or reason is not None:
+        return TorchScorer(model, yes_id=yes_id, no_id=no_id, attention=hf_attn)
+    # torch.compile on CUDA only: on CPU the forward is for tests and small loads, where compiling costs more
+    compiled = compile == "on" or (compile == "auto" and torch_device.type == "cuda")
+    return Qwen3PackedScorer(model, yes_id=yes_id, no_id=no_id, attention=attn, compile=compiled)  # type: ignore[arg-type]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -53,11 +110,17 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
-def resolve_attention(attention: str, device: torch.device) -> AttentionBackend:
+def resolve_attention(attention: str, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
+    """`auto`: FlashAttention varlen on CUDA in bf16/fp16 (its kernels take no fp32), FlexAttention on CUDA in
+    fp32, SDPA with a dense mask on CPU."""
     if attention == "auto":
-        return "flex_attention" if device.type == "cuda" else "sdpa"
-    if attention not in ("flex_attention", "sdpa", "eager"):
+        if device.type != "cuda":
+            return "sdpa"
+        return "flash_varlen" if dtype in (torch.bfloat16, torch.float16) else "flex_attention"
+    if attention not in ("flash_varlen", "flex_attention", "sdpa", "eager"):
         raise ValueError(f"unknown attention backend {attention!r}")
+    if attention == "flash_varlen" and (device.type != "cuda" or dtype == torch.float32):
+        raise ValueError("flash_varlen attention needs CUDA and bfloat16 or float16")
     return attention  # type: ignore[return-value]
 
 
@@ -76,21 +139,6 @@ class TorchScorer:
         self.dtype = weight.dtype
         self.attention = attention
         self.pad_to_multiple = FLEX_BLOCK if attention == "flex_attention" else 1
-
-    @classmethod
-    def load(
-        cls, model_name_or_path: str, *, device: str, dtype: str, attention: str, yes_id: int, no_id: int
-    ) -> TorchScorer:
-        from transformers import AutoModelForCausalLM
-
-        torch_device = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, torch_device)
-        attn = resolve_attention(attention, torch_device)
-        model: Any = AutoModelForCausalLM.from_pretrained(
-            model_name_or_path, dtype=torch_dtype, attn_implementation=attn
-        )
-        model.to(torch_device).eval().requires_grad_(False)
-        return cls(model, yes_id=yes_id, no_id=no_id, attention=attn)
 
     @property
     def info(self) -> BackendInfo:

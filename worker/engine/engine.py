@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from transformers import AutoTokenizer
 
-from worker.engine.backend import BackendInfo, TorchScorer
+from worker.engine.backend import BackendInfo, PackScorer, load_scorer
 from worker.engine.plan import Pack, PreparedJob, build_pack_arrays, plan_packs
 from worker.engine.prompt import DEFAULT_INSTRUCTION, query_head
 from worker.engine.tokenize import PromptTokenizer, TokenIds
@@ -56,6 +56,8 @@ class EngineInfo:
     device: str
     dtype: str
     attention: str
+    forward: str
+    compiled: bool
     max_batch_tokens: int
     max_doc_tokens: int
     max_query_tokens: int
@@ -65,7 +67,7 @@ class RerankEngine:
     def __init__(
         self,
         tokenizer: PromptTokenizer,
-        scorer: TorchScorer,
+        scorer: PackScorer,
         *,
         model_name: str,
         max_batch_tokens: int,
@@ -86,6 +88,8 @@ class RerankEngine:
         device: str = "auto",
         dtype: str = "auto",
         attention: str = "auto",
+        forward: str = "auto",
+        compile: str = "auto",
         max_batch_tokens: int | None = None,
         max_doc_tokens: int = 512,
         max_query_tokens: int = 512,
@@ -100,8 +104,15 @@ class RerankEngine:
             max_doc_tokens=max_doc_tokens,
             doc_cache_size=doc_cache_size,
         )
-        scorer = TorchScorer.load(
-            model, device=device, dtype=dtype, attention=attention, yes_id=tokenizer.yes_id, no_id=tokenizer.no_id
+        scorer = load_scorer(
+            model,
+            device=device,
+            dtype=dtype,
+            attention=attention,
+            forward=forward,
+            compile=compile,
+            yes_id=tokenizer.yes_id,
+            no_id=tokenizer.no_id,
         )
         if max_batch_tokens is None:
             # A whole 400-document job in one pass on a GPU; on CPU the dense [L, L] mask grows with L squared.
@@ -135,10 +146,32 @@ class RerankEngine:
             device=backend.device,
             dtype=backend.dtype,
             attention=backend.attention,
+            forward=backend.forward,
+            compiled=backend.compiled,
             max_batch_tokens=self.max_batch_tokens,
             max_doc_tokens=self.tokenizer.max_doc_tokens,
             max_query_tokens=self.tokenizer.max_query_tokens,
         )
+
+    def warm_up(self) -> float:
+        """Run synthetic packs of three lengths (the whole budget; a few jobs; one document) so that compilation
+        and the allocator's first growth happen before the first job; returns the seconds it took.
+
+        The compiled forward treats the pack length as dynamic: the first pack compiles, the second length
+        compiles the dynamic graph, later lengths reuse it (checked by bench/warmup.py on the GPU).
+        """
+        started = time.perf_counter()
+        tok = self.tokenizer
+        head = np.concatenate([tok.prefix_ids, tok.prefix_ids[-8:]])
+        doc_len = max(1, min(tok.max_doc_tokens, 64))
+        filler = np.full(doc_len, tok.yes_id, dtype=tok.prefix_ids.dtype)
+        per_doc = doc_len + len(tok.suffix_ids)
+        fill_docs = max(1, (self.max_batch_tokens - len(head)) // per_doc)
+        # Largest first: the compiled kernels autotune on the first shape they see, and full packs are what matter.
+        for jobs_docs in ([fill_docs], [3, 5, 2], [1]):
+            jobs = [PreparedJob(head, [filler] * n, np.arange(n, dtype=np.int64), False, 0) for n in jobs_docs]
+            self.run_packs(jobs, self.plan_packs(jobs))
+        return time.perf_counter() - started
 
     # -- steps -------------------------------------------------------------------------------------------------
 

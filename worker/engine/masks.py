@@ -15,6 +15,7 @@ paths are one definition; tests check the composed rule against a plain loop con
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -61,3 +62,68 @@ def dense_mask(mask_mod: MaskMod, length: int, device: torch.device) -> Tensor:
     zero = torch.zeros((), dtype=torch.long, device=device)
     allowed = mask_mod(zero, zero, idx.view(length, 1), idx.view(1, length))  # [L, L]
     return allowed.view(1, 1, length, length)
+
+
+def interval_mask(head_start: Tensor, head_end: Tensor, segment_start: Tensor) -> MaskMod:
+    """`packed_rerank_mask` restated per query token as two key ranges: its group's head (causal) and its own
+    segment up to itself. Only q-indexed loads, and the same data that builds the block structure below; tests
+    check it equals the composed rule on every (q, k) of random packs.
+    """
+
+    def head_or_own_segment(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        in_head = (k >= head_start[q]) & (k < head_end[q])
+        return (k <= q) & (in_head | (k >= segment_start[q]))
+
+    return head_or_own_segment
+
+
+@dataclass(frozen=True)
+class BlockStructure:
+    """Which key blocks each query block needs, FlexAttention's layout: partial blocks evaluate the mask_mod per
+    element, full blocks skip it. Indices are sorted with the used ones first; int32 [1, 1, nq(, nk)]."""
+
+    partial_num: Tensor
+    partial_indices: Tensor
+    full_num: Tensor
+    full_indices: Tensor
+
+
+def block_structure(head_start: Tensor, head_end: Tensor, segment_start: Tensor, block: int) -> BlockStructure:
+    """Block-level summary of `interval_mask`, from the per-token ranges alone (no [L, L] evaluation).
+
+    A key block is *used* by a query block if some query token's range overlaps it, and *full* if every query
+    token's head range or own range covers all of it (a block covered only by the union of both is counted
+    partial: correct, merely not skipped). The work is [nq, block, nk] comparisons, done in chunks of query blocks.
+    """
+    length = head_start.shape[0]
+    if length % block:
+        raise ValueError(f"pack length {length} is not a multiple of the block size {block}")
+    nb = length // block
+    device = head_start.device
+    kv_lo = (torch.arange(nb, device=device) * block).view(1, 1, nb)
+    kv_hi = kv_lo + block
+    q_all = torch.arange(length, device=device).view(nb, block, 1)
+    used_rows, full_rows = [], []
+    chunk = max(1, (1 << 24) // (block * nb))  # bound the [chunk, block, nb] intermediates to ~16M elements
+    for first in range(0, nb, chunk):
+        rows = slice(first * block, min(nb, first + chunk) * block)
+        q = q_all[first : first + chunk]
+        hs, ss = (t[rows].view(-1, block, 1) for t in (head_start, segment_start))
+        he = torch.minimum(head_end[rows].view(-1, block, 1), q + 1)  # head range, causal
+        own_hi = q + 1
+        used = ((hs < he) & (hs < kv_hi) & (he > kv_lo)) | ((ss < kv_hi) & (own_hi > kv_lo))
+        full = ((hs <= kv_lo) & (he >= kv_hi)) | ((ss <= kv_lo) & (own_hi >= kv_hi))
+        used_rows.append(used.any(1))
+        full_rows.append(full.all(1))
+    full_blocks = torch.cat(full_rows)  # [nb, nb]
+    partial_blocks = torch.cat(used_rows) & ~full_blocks
+
+    def layout(blocks: Tensor) -> tuple[Tensor, Tensor]:
+        num = blocks.sum(-1, dtype=torch.int32)
+        # stable sort of "not used" puts the used blocks first, in ascending order
+        indices = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return num.view(1, 1, nb), indices.view(1, 1, nb, nb)
+
+    partial_num, partial_indices = layout(partial_blocks)
+    full_num, full_indices = layout(full_blocks)
+    return BlockStructure(partial_num, partial_indices, full_num, full_indices)

@@ -94,6 +94,11 @@ class PackArrays:
     doc: IntArray  # [L]: 0 for head tokens, 1.. per document, -1 for padding
     doc_ends: IntArray  # [num_docs]: index of each document's last token (the last suffix token)
     num_tokens: int  # unpadded length
+    # The same rules as intervals (see masks.interval_mask): token q may see [head_start, head_end) up to q, and
+    # [segment_start, q]. Padding is one segment with an empty head range.
+    head_start: IntArray  # [L]: first token of the group's head
+    head_end: IntArray  # [L]: one past the group's last head token
+    segment_start: IntArray  # [L]: first token of the token's own segment (its head, or its document)
 
 
 def build_pack_arrays(
@@ -105,6 +110,7 @@ def build_pack_arrays(
     seg_group: list[int] = []
     seg_doc: list[int] = []
     seg_pos0: list[int] = []
+    seg_head: list[int] = []  # segment -> index of its group's head segment
     doc_number = 0
     for group_number, group in enumerate(pack.groups):
         head = jobs[group.job].head_ids
@@ -113,6 +119,8 @@ def build_pack_arrays(
         seg_group.append(group_number)
         seg_doc.append(0)
         seg_pos0.append(0)
+        head_segment = len(seg_len) - 1
+        seg_head.append(head_segment)
         for doc_index in group.docs:
             doc_number += 1
             doc = jobs[group.job].unique_docs[doc_index]
@@ -121,6 +129,7 @@ def build_pack_arrays(
             seg_group.append(group_number)
             seg_doc.append(doc_number)
             seg_pos0.append(len(head))  # positions restart right after the head
+            seg_head.append(head_segment)
     lengths = np.asarray(seg_len, dtype=np.int64)
     num_tokens = int(lengths.sum())
     padded = -(-num_tokens // pad_to_multiple) * pad_to_multiple
@@ -132,9 +141,19 @@ def build_pack_arrays(
     doc_ids = np.repeat(np.asarray(seg_doc, dtype=np.int64), lengths)
     is_doc = np.asarray(seg_doc) > 0
     doc_ends = (starts + lengths - 1)[is_doc]
+    heads = np.asarray(seg_head, dtype=np.int64)
+    head_start = np.repeat(starts[heads], lengths)
+    head_end = np.repeat(starts[heads] + lengths[heads], lengths)
+    segment_start = np.repeat(starts, lengths)
     if pad:
         input_ids = np.pad(input_ids, (0, pad), constant_values=pad_id)
         position_ids = np.pad(position_ids, (0, pad))
         group_ids = np.pad(group_ids, (0, pad), constant_values=-1)
         doc_ids = np.pad(doc_ids, (0, pad), constant_values=-1)
-    return PackArrays(input_ids, position_ids, group_ids, doc_ids, doc_ends, num_tokens)
+        # padding: one segment starting at num_tokens, no head (an empty range)
+        head_start, head_end, segment_start = (
+            np.pad(a, (0, pad), constant_values=num_tokens) for a in (head_start, head_end, segment_start)
+        )
+    return PackArrays(
+        input_ids, position_ids, group_ids, doc_ids, doc_ends, num_tokens, head_start, head_end, segment_start
+    )

@@ -115,7 +115,9 @@ class PromptTokenizer:
         out: list[EncodedDocument | None] = [self._cache_get(t) for t in texts]
         missing = [i for i, e in enumerate(out) if e is None]
         if missing:
-            encodings = self._plain.encode_batch([document_tail(texts[i]) for i in missing], add_special_tokens=False)
+            # encode_batch_fast (tokenizers >= 0.21) skips the offsets, which documents never need: ~20% faster
+            encode = getattr(self._plain, "encode_batch_fast", self._plain.encode_batch)
+            encodings = encode([document_tail(texts[i]) for i in missing], add_special_tokens=False)
             for i, enc in zip(missing, encodings, strict=True):
                 ids = enc.ids
                 doc = EncodedDocument(self._ids(ids[: self.max_doc_tokens]), len(ids) > self.max_doc_tokens)

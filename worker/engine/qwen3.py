@@ -1,0 +1,400 @@
+"""A Qwen3 decoder forward written for packs, on the weights of a model loaded by `from_pretrained`.
+
+Why not call the Hugging Face decoder: a pack needs none of its generality, and its per-layer Python, unfused
+norms and rotary, and one mask build per call cost more than the matmuls at 32k tokens. Here, per layer:
+    attention_inputs   RMSNorm, one fused q/k/v matmul, per-head q/k RMSNorm, rotary        (compiled on CUDA)
+    attend             FlexAttention over the pack's block structure (SDPA + dense mask on CPU)
+    mlp_block          o_proj, residual, RMSNorm, one fused gate/up matmul, SiLU, down_proj (compiled on CUDA)
+The last layer runs its o_proj and MLP on the document-end rows only (nothing else is read), and the final norm
+and the fp32 yes-minus-no product see only those rows. The math is Qwen3's, operation for operation (RMSNorm in
+fp32 cast back before the weight, rotate-half rotary from the model's own rotary module); tests compare it with an
+independent per-pair forward of the Hugging Face model.
+
+The compiled steps are layer-generic (weights are arguments, so 28 layers share one graph) and the pack length is
+a dynamic dimension, so a stream of packs of any length compiles a bounded set of graphs at warm-up, then none.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from worker.engine.masks import block_structure, dense_mask, interval_mask
+from worker.engine.plan import PackArrays
+
+if TYPE_CHECKING:
+    from worker.engine.backend import BackendInfo
+
+PackedAttention = Literal["flash_varlen", "flex_attention", "sdpa"]
+FLEX_BLOCK = 128
+# Document-end rows are padded to a multiple of this (repeating the last end) so their count never hits the
+# compiler's 0/1 specializations or changes a graph's shape class.
+ROWS_MULTIPLE = 16
+
+
+def unsupported_reason(config: Any) -> str | None:
+    """Why this forward cannot run a model with this config (None if it can)."""
+    if getattr(config, "model_type", None) != "qwen3":
+        return f"model_type {getattr(config, 'model_type', None)!r} is not qwen3"
+    if getattr(config, "attention_bias", False):
+        return "attention projections with bias"
+    if getattr(config, "use_sliding_window", False):
+        return "sliding-window attention"
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        return f"layer types {sorted(set(layer_types))}"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r}"
+    return None
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Qwen3RMSNorm: normalize in fp32, cast back, then scale."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def attention_inputs(
+    x: Tensor,  # [L, hidden]
+    cos: Tensor,  # [L, 1, head_dim]
+    sin: Tensor,
+    input_norm: Tensor,
+    qkv_weight: Tensor,  # [(heads + 2 kv_heads) * head_dim, hidden]
+    q_norm: Tensor,
+    k_norm: Tensor,
+    heads: int,
+    kv_heads: int,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v as [L, heads or kv_heads, head_dim], contiguous (the varlen layout)."""
+    length = x.shape[0]
+    head_dim = q_norm.shape[0]
+    qkv = F.linear(rms_norm(x, input_norm, eps), qkv_weight)
+    q, k, v = torch.split(qkv, [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q = rms_norm(q.view(length, heads, head_dim), q_norm, eps)
+    k = rms_norm(k.view(length, kv_heads, head_dim), k_norm, eps)
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    return q, k, v.reshape(length, kv_heads, head_dim).contiguous()
+
+
+def mlp_block(
+    x: Tensor,  # [R, hidden]: residual stream rows
+    attended: Tensor,  # [R, heads, head_dim]: attention output for the same rows
+    o_weight: Tensor,
+    post_norm: Tensor,
+    gate_up_weight: Tensor,  # [2 * intermediate, hidden]: gate rows, then up rows
+    down_weight: Tensor,
+    eps: float,
+) -> Tensor:
+    rows = x.shape[0]
+    x = x + F.linear(attended.reshape(rows, -1), o_weight)
+    gate, up = F.linear(rms_norm(x, post_norm, eps), gate_up_weight).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, down_weight)
+
+
+def merge_partial_attention(own: Tensor, own_lse: Tensor, head: Tensor, head_lse: Tensor, is_doc: Tensor) -> Tensor:
+    """Combine attention over two disjoint key sets into attention over their union (the flash-decoding merge):
+    softmax weights of each part are exp(lse) of it. [R, H, D] outputs, [H, R] fp32 log-sum-exps, is_doc [R, 1, 1].
+    Head rows attended only to their own (head) segment: they keep `own`."""
+    own_weight = torch.sigmoid(own_lse - head_lse).transpose(0, 1).unsqueeze(-1)  # [R, H, 1]
+    merged = head.float() + (own.float() - head.float()) * own_weight
+    return torch.where(is_doc, merged.to(own.dtype), own)
+
+
+@dataclass(frozen=True)
+class VarlenLayout:
+    """A pack as FlashAttention varlen calls: every segment (a head, a document) attends causally to itself, and
+    every group's tokens attend to that group's head, gathered into a compact key tensor. Int32 offsets."""
+
+    segment_offsets: Tensor  # [segments + 1]
+    longest_segment: int
+    group_offsets: Tensor  # [groups + 1]: each group's span, head included
+    longest_group: int
+    head_rows: Tensor  # [sum of head lengths]: pack rows of the heads, group by group
+    head_offsets: Tensor  # [groups + 1]
+    longest_head: int
+    is_doc: Tensor  # [L, 1, 1] bool
+
+    @classmethod
+    def of(cls, arrays: PackArrays, device: torch.device) -> VarlenLayout:
+        length = len(arrays.input_ids)
+        if length != arrays.num_tokens:
+            raise ValueError("varlen packs carry no padding")
+        seg_starts = np.flatnonzero(np.diff(arrays.segment_start, prepend=-1))
+        group_starts = np.flatnonzero(np.diff(arrays.head_start, prepend=-1))
+        head_len = arrays.head_end[group_starts] - group_starts
+        head_rows = np.arange(int(head_len.sum())) + np.repeat(
+            group_starts - (np.cumsum(head_len) - head_len), head_len
+        )
+        segs = np.append(seg_starts, length)
+        groups = np.append(group_starts, length)
+        heads = np.concatenate([[0], np.cumsum(head_len)])
+        offsets = torch.from_numpy(np.concatenate([segs, groups, heads]).astype(np.int32)).to(device)
+        seg_o, group_o, head_o = torch.split(offsets, [len(segs), len(groups), len(heads)])
+        return cls(
+            seg_o,
+            int(np.diff(segs).max()),
+            group_o,
+            int(np.diff(groups).max()),
+            torch.from_numpy(head_rows).to(device),
+            head_o,
+            int(head_len.max()),
+            torch.from_numpy(arrays.doc > 0).to(device).view(length, 1, 1),
+        )
+
+
+def flash_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_offsets: Tensor,
+    k_offsets: Tensor,
+    max_q: int,
+    max_k: int,
+    *,
+    causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """FlashAttention-2 varlen forward (PyTorch's built-in kernel; GQA native): output [Tq, H, D] and the
+    log-sum-exp [H, Tq] in fp32. Called through the aten op because `torch.nn.attention.varlen.varlen_attn`
+    changed its arguments between torch 2.10 and 2.12 and may route to cuDNN."""
+    out, lse, *_ = torch.ops.aten._flash_attention_forward(
+        q, k, v, q_offsets, k_offsets, max_q, max_k, 0.0, causal, False, scale=scale
+    )
+    if lse.dim() == 3:  # older kernels: padded [sequences, H, max_q]; bring it to [H, Tq]
+        rows = torch.arange(q.shape[0], device=q.device)
+        seq = torch.searchsorted(q_offsets[1:].long(), rows, right=True)
+        lse = lse[seq, :, rows - q_offsets[seq].long()].transpose(0, 1)
+    return out, lse
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    input_norm: Tensor
+    qkv: Tensor
+    q_norm: Tensor
+    k_norm: Tensor
+    o: Tensor
+    post_norm: Tensor
+    gate_up: Tensor
+    down: Tensor
+
+
+def _fuse_rows(*linears: Any) -> Tensor:
+    """Concatenate linear weights along the output dim and point the modules at views of the result (no copy
+    of the model stays behind: the fused tensor is the only storage)."""
+    fused = torch.cat([lin.weight.detach() for lin in linears], dim=0)
+    start = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight.data = fused[start : start + rows]
+        start += rows
+    return fused
+
+
+def _extract_layers(model: Any) -> list[LayerWeights]:
+    layers = []
+    for layer in model.get_decoder().layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        layers.append(
+            LayerWeights(
+                input_norm=layer.input_layernorm.weight.detach(),
+                qkv=_fuse_rows(attn.q_proj, attn.k_proj, attn.v_proj),
+                q_norm=attn.q_norm.weight.detach(),
+                k_norm=attn.k_norm.weight.detach(),
+                o=attn.o_proj.weight.detach(),
+                post_norm=layer.post_attention_layernorm.weight.detach(),
+                gate_up=_fuse_rows(mlp.gate_proj, mlp.up_proj),
+                down=mlp.down_proj.weight.detach(),
+            )
+        )
+    return layers
+
+
+def _from_kv_blocks_kwargs() -> dict[str, Any]:
+    from torch.nn.attention.flex_attention import BlockMask
+
+    # inference never runs the backward pass: skip building its transposed (q-block) index where torch allows
+    if "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters:
+        return {"compute_q_blocks": False}
+    return {}
+
+
+class Qwen3PackedScorer:
+    """Scores packs with the forward above. Same interface as `backend.TorchScorer`."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        yes_id: int,
+        no_id: int,
+        attention: PackedAttention,
+        compile: bool,
+    ) -> None:
+        reason = unsupported_reason(model.config)
+        if reason is not None:
+            raise ValueError(f"the packed Qwen3 forward cannot run this model: {reason}")
+        config = model.config
+        self.model = model
+        decoder = model.get_decoder()
+        self.embed = decoder.embed_tokens.weight.detach()
+        self.rotary = decoder.rotary_emb
+        self.final_norm = decoder.norm.weight.detach()
+        self.layers = _extract_layers(model)
+        head = model.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            raise ValueError("the LM head has a bias; the yes-minus-no shortcut assumes none")
+        self.yes_minus_no = head.weight[yes_id].detach().float() - head.weight[no_id].detach().float()
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(config.num_key_value_heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
+        self.eps = float(config.rms_norm_eps)
+        self.device = self.embed.device
+        self.dtype = self.embed.dtype
+        self.attention = attention
+        self.compiled = compile
+        self.pad_to_multiple = FLEX_BLOCK if attention == "flex_attention" else 1
+        self._attention_inputs: Any = attention_inputs
+        self._mlp_block: Any = mlp_block
+        self._merge: Any = merge_partial_attention
+        self._flex: Any = None
+        if attention == "flex_attention":
+            from torch.nn.attention.flex_attention import flex_attention
+
+            self._flex = flex_attention
+            self._block_mask_kwargs = _from_kv_blocks_kwargs()
+        if compile:
+            self._attention_inputs = torch.compile(attention_inputs, fullgraph=True)
+            self._mlp_block = torch.compile(mlp_block, fullgraph=True)
+            self._merge = torch.compile(merge_partial_attention, fullgraph=True)
+            if self._flex is not None:
+                self._flex = torch.compile(self._flex, fullgraph=True)
+
+    @property
+    def info(self) -> BackendInfo:
+        from worker.engine.backend import BackendInfo
+
+        dtype = str(self.dtype).removeprefix("torch.")
+        return BackendInfo(str(self.device), dtype, self.attention, "packed-qwen3", self.compiled)
+
+    # -- one pack ----------------------------------------------------------------------------------------------
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Any) -> Tensor:
+        """Attention of a pack: q [L, heads, D], k and v [L, kv_heads, D] -> [L, heads, D]."""
+        scale = self.head_dim**-0.5
+        if self.attention == "flash_varlen":
+            lay: VarlenLayout = mask
+            own, own_lse = flash_varlen(
+                q,
+                k,
+                v,
+                lay.segment_offsets,
+                lay.segment_offsets,
+                lay.longest_segment,
+                lay.longest_segment,
+                causal=True,
+                scale=scale,
+            )
+            head, head_lse = flash_varlen(
+                q,
+                k[lay.head_rows],
+                v[lay.head_rows],
+                lay.group_offsets,
+                lay.head_offsets,
+                lay.longest_group,
+                lay.longest_head,
+                causal=False,
+                scale=scale,
+            )
+            self._dynamic(own, head, lay.is_doc)
+            if self.compiled:
+                torch._dynamo.maybe_mark_dynamic(own_lse, 1)
+                torch._dynamo.maybe_mark_dynamic(head_lse, 1)
+            merged: Tensor = self._merge(own, own_lse, head, head_lse, lay.is_doc)
+            return merged
+        qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, L, D]
+        if self.attention == "flex_attention":
+            out: Tensor = self._flex(qh, kh, vh, block_mask=mask, scale=scale, enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
+        return out.squeeze(0).transpose(0, 1)
+
+    def _mask(self, arrays: PackArrays, head_start: Tensor, head_end: Tensor, segment_start: Tensor) -> Any:
+        if self.attention == "flash_varlen":
+            return VarlenLayout.of(arrays, self.device)
+        mask_mod = interval_mask(head_start, head_end, segment_start)
+        length = head_start.shape[0]
+        if self.attention == "flex_attention":
+            from torch.nn.attention.flex_attention import BlockMask
+
+            s = block_structure(head_start, head_end, segment_start, FLEX_BLOCK)
+            return BlockMask.from_kv_blocks(
+                s.partial_num,
+                s.partial_indices,
+                s.full_num,
+                s.full_indices,
+                BLOCK_SIZE=FLEX_BLOCK,
+                mask_mod=mask_mod,
+                seq_lengths=(length, length),
+                **self._block_mask_kwargs,
+            )
+        return dense_mask(mask_mod, length, self.device)
+
+    def _dynamic(self, *tensors: Tensor) -> None:
+        """Declare dim 0 (rows) dynamic for the compiler: one graph serves every pack length."""
+        if self.compiled:
+            for t in tensors:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+
+    @torch.inference_mode()
+    def forward_pack(self, input_ids: Tensor, position_ids: Tensor, ends: Tensor, mask: Any) -> Tensor:
+        """fp32 yes-minus-no logit at each `ends` row: [len(ends)]; `mask` comes from `_mask`."""
+        x = F.embedding(input_ids, self.embed)  # [L, hidden]
+        cos, sin = self.rotary(x.unsqueeze(0), position_ids.unsqueeze(0))  # [1, L, head_dim] each
+        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [L, 1, head_dim]
+        self._dynamic(x, cos, sin)
+        last = len(self.layers) - 1
+        for i, w in enumerate(self.layers):
+            q, k, v = self._attention_inputs(
+                x, cos, sin, w.input_norm, w.qkv, w.q_norm, w.k_norm, self.heads, self.kv_heads, self.eps
+            )
+            attended = self._attend(q, k, v, mask)
+            if i == last:  # only the document-end rows are read from here on
+                x, attended = x[ends], attended[ends]
+                self._dynamic(x)
+            x = self._mlp_block(x, attended, w.o, w.post_norm, w.gate_up, w.down, self.eps)
+        hidden = rms_norm(x, self.final_norm, self.eps)
+        logits: Tensor = hidden.float() @ self.yes_minus_no
+        return logits
+
+    def score_pack(self, arrays: PackArrays) -> npt.NDArray[np.float32]:
+        """P(yes) for each document of the pack, in pack order: float32 [num_docs]."""
+        num_docs = len(arrays.doc_ends)
+        ends = arrays.doc_ends
+        if self.compiled:
+            padded = -(-num_docs // ROWS_MULTIPLE) * ROWS_MULTIPLE
+            ends = np.pad(ends, (0, padded - num_docs), mode="edge")
+        host = np.stack(
+            [arrays.input_ids, arrays.position_ids, arrays.head_start, arrays.head_end, arrays.segment_start]
+        )
+        on_device = torch.from_numpy(host).to(self.device, non_blocking=True)
+        input_ids, position_ids, head_start, head_end, segment_start = on_device.unbind(0)
+        with torch.inference_mode():
+            mask = self._mask(arrays, head_start, head_end, segment_start)
+            logits = self.forward_pack(input_ids, position_ids, torch.from_numpy(ends).to(self.device), mask)
+        return torch.sigmoid(logits[:num_docs]).cpu().numpy()
