@@ -12,7 +12,7 @@ from worker.engine import EngineInfo, InvalidJobError, JobScores, JobStats
 from worker.messages import RerankJob, RerankResult, json_schemas, parse_job
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
-ENGINE = EngineInfo("m", "cpu", "float32", "sdpa", 4096, 512, 512)
+ENGINE = EngineInfo("m", "cpu", "float32", "sdpa", "packed-qwen3", False, 4096, 512, 512)
 
 
 def stats(n: int) -> JobStats:

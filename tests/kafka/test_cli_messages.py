@@ -38,7 +38,7 @@ def test_reply_topic_is_validated_like_a_kafka_topic_name() -> None:
 def test_ranked_table() -> None:
     job = RerankJob(job_id="j", query="q", documents=["alpha", "", {"id": 7, "text": "gamma " * 30}])
     stats = JobStats(3, 2, 2, 0.0, 0, False, 10, 1, 10, 10.0, 0.1, 0.2, 1.5)
-    info = EngineInfo("m", "cpu", "float32", "sdpa", 4096, 512, 512)
+    info = EngineInfo("m", "cpu", "float32", "sdpa", "packed-qwen3", False, 4096, 512, 512)
     result = RerankResult.from_scores(job, JobScores([0.25, None, 0.75], stats), info, scored_at=datetime.now(UTC))
     lines = ranked_table(result, job.document_texts()).splitlines()
     assert lines[0] == "job j: 3 documents, model m, 1.5 ms"
