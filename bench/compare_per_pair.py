@@ -24,7 +24,11 @@ from worker.engine.prompt import DEFAULT_INSTRUCTION, PREFIX, SUFFIX, official_b
 from worker.offline import build_random_reranker
 
 
-def per_pair_scores(model: Any, tokenizer: Any, request: ScoreRequest, batch: int = 128) -> np.ndarray:
+def per_pair_scores(
+    model: Any, tokenizer: Any, request: ScoreRequest, batch: int = 128, *, fp32_head: bool = False
+) -> np.ndarray:
+    """The model card's path. `fp32_head`: the same forward, but the yes/no logits taken in float32 from the last
+    hidden state (as the engine does), to separate the head's bf16 rounding from the body's."""
     device = next(model.parameters()).device
     prefix = tokenizer.encode(PREFIX, add_special_tokens=False)
     suffix = tokenizer.encode(SUFFIX, add_special_tokens=False)
@@ -47,7 +51,12 @@ def per_pair_scores(model: Any, tokenizer: Any, request: ScoreRequest, batch: in
             for row, i in enumerate(chunk):  # left padding, as the model card does
                 ids[row, width - len(seqs[i]) :] = torch.tensor(seqs[i])
                 mask[row, width - len(seqs[i]) :] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=1).logits[:, -1]
+            if fp32_head:
+                hidden = model.model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+                logits = hidden[:, -1].float() @ model.get_output_embeddings().weight.float().T
+            else:
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=1).logits
+                logits = logits[:, -1]
             pair = torch.stack([logits[:, no], logits[:, yes]], dim=1).float()
             out[chunk] = torch.softmax(pair, dim=1)[:, 1].cpu().numpy()
     return out

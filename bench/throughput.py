@@ -193,6 +193,7 @@ def main() -> None:
         )
         floor = linear_floor_s(reference, tokens, device, dtype)
         got = np.concatenate([np.asarray(s.scores, dtype=np.float64) for s in scored])
+        want_fp32_head = np.concatenate([per_pair_scores(reference, tokenizer, job, fp32_head=True) for job in wl.jobs])
         want = np.concatenate(pairs)
         spread = float(log_odds(want).std())
         latency_per_job = np.asarray(times) / len(wl.jobs)
@@ -220,6 +221,12 @@ def main() -> None:
             "ratio_to_floor": round(med / floor, 2),
             "peak_gib_beyond_weights": round(peak_gib, 2) if peak_gib is not None else None,
             "max_logodds_diff_over_spread": round(float(np.abs(log_odds(got) - log_odds(want)).max()) / spread, 4),
+            "vs_fp32_head_per_pair_max_logodds_diff_over_spread": round(
+                float(np.abs(log_odds(got) - log_odds(want_fp32_head)).max()) / spread, 4
+            ),
+            "per_pair_bf16_head_vs_fp32_head_over_spread": round(
+                float(np.abs(log_odds(want) - log_odds(want_fp32_head)).max()) / spread, 4
+            ),
             "max_logodds_diff_over_range": round(
                 float(np.abs(log_odds(got) - log_odds(want)).max()) / float(np.ptp(log_odds(want))), 4
             ),
