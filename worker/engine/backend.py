@@ -87,6 +87,15 @@ def load_scorer(
     return Qwen3PackedScorer(model, yes_id=yes_id, no_id=no_id, attention=attn, compile=compiled)  # type: ignore[arg-type]
 
 
+def yes_minus_no_vector(model: Any, yes_id: int, no_id: int) -> Tensor:
+    """w_yes - w_no of the LM head in fp32 ([hidden]): the one direction scores need (module docstring)."""
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("the LM head has a bias; the yes-minus-no shortcut assumes none")
+    weight: Tensor = head.weight.detach()
+    return weight[yes_id].float() - weight[no_id].float()
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -130,13 +139,9 @@ class TorchScorer:
     def __init__(self, model: torch.nn.Module, *, yes_id: int, no_id: int, attention: AttentionBackend) -> None:
         self.model = model
         self.decoder = model.get_decoder()  # type: ignore[operator]
-        head = model.get_output_embeddings()  # type: ignore[operator]
-        if getattr(head, "bias", None) is not None:
-            raise ValueError("the LM head has a bias; the yes-minus-no shortcut assumes none")
-        weight = head.weight.detach()
-        self.yes_minus_no = weight[yes_id].float() - weight[no_id].float()  # [hidden], fp32
-        self.device = weight.device
-        self.dtype = weight.dtype
+        self.yes_minus_no = yes_minus_no_vector(model, yes_id, no_id)
+        self.device: torch.device = self.yes_minus_no.device
+        self.dtype: torch.dtype = model.get_output_embeddings().weight.dtype  # type: ignore[operator]
         self.attention = attention
         self.pad_to_multiple = FLEX_BLOCK if attention == "flex_attention" else 1
 
@@ -162,7 +167,7 @@ class TorchScorer:
     @torch.inference_mode()
     def score_pack(self, arrays: PackArrays) -> npt.NDArray[np.float32]:
         """P(yes) for each document of the pack, in pack order: float32 [num_docs]."""
-        to = {"device": self.device, "non_blocking": True}
+        to: dict[str, Any] = {"device": self.device, "non_blocking": True}
         input_ids = torch.from_numpy(arrays.input_ids).to(**to).view(1, -1)  # [1, L]
         position_ids = torch.from_numpy(arrays.position_ids).to(**to).view(1, -1)  # [1, L]
         group = torch.from_numpy(arrays.group).to(**to)  # [L]

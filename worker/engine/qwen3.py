@@ -256,10 +256,9 @@ class Qwen3PackedScorer:
         self.rotary = decoder.rotary_emb
         self.final_norm = decoder.norm.weight.detach()
         self.layers = _extract_layers(model)
-        head = model.get_output_embeddings()
-        if getattr(head, "bias", None) is not None:
-            raise ValueError("the LM head has a bias; the yes-minus-no shortcut assumes none")
-        self.yes_minus_no = head.weight[yes_id].detach().float() - head.weight[no_id].detach().float()
+        from worker.engine.backend import yes_minus_no_vector
+
+        self.yes_minus_no = yes_minus_no_vector(model, yes_id, no_id)
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(config.num_key_value_heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
