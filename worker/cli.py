@@ -105,7 +105,12 @@ def warm(engine: RerankEngine) -> RerankEngine:
 
     seconds = engine.warm_up()
     logging.getLogger("worker.cli").info(
-        "engine warm", extra={"warm_up_s": round(seconds, 2), "engine": dataclasses.asdict(engine.info)}
+        "engine warm",
+        extra={
+            "warm_up_s": round(seconds, 2),
+            "engine": dataclasses.asdict(engine.info),
+            "document_encoder": engine.tokenizer.document_encoder,
+        },
     )
     return engine
 
