@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -145,7 +146,15 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--workloads", default="a,b,c")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
+    ap.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=None,
+        help="sys.setswitchinterval for the run (Python's default 5 ms): how soon a thread waiting for the GIL gets it",
+    )
     a = ap.parse_args()
+    if a.switch_interval_ms is not None:
+        sys.setswitchinterval(a.switch_interval_ms / 1e3)
     if not (a.model_dir / "config.json").exists():
         build_random_reranker(a.model_dir, size=a.size, seed=0)
     device = torch.device(a.device)
@@ -159,6 +168,10 @@ def main() -> None:
     warm_up_s = engine.warm_up()
     reference = AutoModelForCausalLM.from_pretrained(str(a.model_dir), dtype=dtype, attn_implementation="sdpa")
     reference = reference.to(device).eval()
+    # fp32 truth for both bf16 paths: how far each is from the exact scores, not only from each other
+    truth_model = None
+    if dtype != torch.float32:
+        truth_model = AutoModelForCausalLM.from_pretrained(str(a.model_dir), dtype=torch.float32).to(device).eval()
     info = engine.info
     header = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -170,6 +183,8 @@ def main() -> None:
         "compiled": info.compiled,
         "engine_load_s": round(load_s, 1),
         "engine_warm_up_s": round(warm_up_s, 1),
+        "document_encoder": engine.tokenizer.document_encoder,
+        "switch_interval_ms": sys.getswitchinterval() * 1e3,
     }
     print(json.dumps(header), flush=True)
     rows = []
@@ -231,6 +246,10 @@ def main() -> None:
                 float(np.abs(log_odds(got) - log_odds(want)).max()) / float(np.ptp(log_odds(want))), 4
             ),
         }
+        if truth_model is not None:
+            truth = log_odds(np.concatenate([per_pair_scores(truth_model, tokenizer, job) for job in wl.jobs]))
+            row["engine_vs_fp32_over_spread"] = round(float(np.abs(log_odds(got) - truth).max()) / spread, 4)
+            row["per_pair_vs_fp32_over_spread"] = round(float(np.abs(log_odds(want) - truth).max()) / spread, 4)
         rows.append(row)
         print(json.dumps(row), flush=True)
     a.out.mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "info": engine.info.__dict__,
+        "document_encoder": engine.tokenizer.document_encoder,
         "load_s": round(load_s, 1),
         "warm_up_s": round(warm_s, 1),
         "first_job_after_warm_up_s": round(first_job_s, 3),
@@ -90,10 +91,17 @@ def main() -> None:
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
             engine.score_prepared([prepared])
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
+        # which host op issues each copy: operators with their input shapes, by the device time under them
+        by_shape = prof.key_averages(group_by_input_shape=True)
+        print(
+            by_shape.table(
+                sort_by="cuda_time_total", row_limit=30, max_name_column_width=40, max_shapes_column_width=80
+            )
+        )
     if a.compare:
         other = RerankEngine.load(str(a.model_dir), device="cuda", dtype=a.dtype, forward="transformers")
         got = np.asarray(engine.score([request])[0].scores, dtype=np.float64)

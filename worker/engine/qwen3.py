@@ -2,8 +2,11 @@
 
 Why not call the Hugging Face decoder: a pack needs none of its generality, and its per-layer Python, unfused
 norms and rotary, and one mask build per call cost more than the matmuls at 32k tokens. Here, per layer:
-    attention_inputs   RMSNorm, one fused q/k/v matmul, per-head q/k RMSNorm, rotary        (compiled on CUDA)
-    attend             FlexAttention over the pack's block structure (SDPA + dense mask on CPU)
+    attention_inputs   RMSNorm, one fused q/k/v matmul, per-head q/k RMSNorm, rotary
+                       (CUDA: compiled norm + matmul, then the `kernels.qk_norm_rotary` Triton kernel)
+    attend             CUDA bf16/fp16: FlashAttention varlen per segment, then `kernels.head_attention_merge`
+                       adds each document's view of its head in place; CUDA fp32: FlexAttention over the pack's
+                       block structure; CPU: SDPA with a dense mask
     mlp_block          o_proj, residual, RMSNorm, one fused gate/up matmul, SiLU, down_proj (compiled on CUDA)
 The last layer runs its o_proj and MLP on the document-end rows only (nothing else is read), and the final norm
 and the fp32 yes-minus-no product see only those rows. The math is Qwen3's, operation for operation (RMSNorm in
@@ -106,55 +109,29 @@ def mlp_block(
     return x + F.linear(F.silu(gate) * up, down_weight)
 
 
-def merge_partial_attention(own: Tensor, own_lse: Tensor, head: Tensor, head_lse: Tensor, is_doc: Tensor) -> Tensor:
-    """Combine attention over two disjoint key sets into attention over their union (the flash-decoding merge):
-    softmax weights of each part are exp(lse) of it. [R, H, D] outputs, [H, R] fp32 log-sum-exps, is_doc [R, 1, 1].
-    Head rows attended only to their own (head) segment: they keep `own`."""
-    own_weight = torch.sigmoid(own_lse - head_lse).transpose(0, 1).unsqueeze(-1)  # [R, H, 1]
-    merged = head.float() + (own.float() - head.float()) * own_weight
-    return torch.where(is_doc, merged.to(own.dtype), own)
+def norm_qkv(x: Tensor, input_norm: Tensor, qkv_weight: Tensor, eps: float) -> Tensor:
+    """The fused q/k/v projection of the normed residual stream: [L, (heads + 2 kv_heads) * head_dim]."""
+    return F.linear(rms_norm(x, input_norm, eps), qkv_weight)
 
 
 @dataclass(frozen=True)
 class VarlenLayout:
-    """A pack as FlashAttention varlen calls: every segment (a head, a document) attends causally to itself, and
-    every group's tokens attend to that group's head, gathered into a compact key tensor. Int32 offsets."""
+    """A pack for FlashAttention varlen: every segment (a head, a document) attends causally to itself; then each
+    document token's view of its group's head [head_start, head_end) is merged in by `head_attention_merge`."""
 
-    segment_offsets: Tensor  # [segments + 1]
+    segment_offsets: Tensor  # [segments + 1] int32
     longest_segment: int
-    group_offsets: Tensor  # [groups + 1]: each group's span, head included
-    longest_group: int
-    head_rows: Tensor  # [sum of head lengths]: pack rows of the heads, group by group
-    head_offsets: Tensor  # [groups + 1]
-    longest_head: int
-    is_doc: Tensor  # [L, 1, 1] bool
+    head_start: Tensor  # [L]
+    head_end: Tensor  # [L]
 
     @classmethod
-    def of(cls, arrays: PackArrays, device: torch.device) -> VarlenLayout:
+    def of(cls, arrays: PackArrays, head_start: Tensor, head_end: Tensor) -> VarlenLayout:
         length = len(arrays.input_ids)
         if length != arrays.num_tokens:
             raise ValueError("varlen packs carry no padding")
-        seg_starts = np.flatnonzero(np.diff(arrays.segment_start, prepend=-1))
-        group_starts = np.flatnonzero(np.diff(arrays.head_start, prepend=-1))
-        head_len = arrays.head_end[group_starts] - group_starts
-        head_rows = np.arange(int(head_len.sum())) + np.repeat(
-            group_starts - (np.cumsum(head_len) - head_len), head_len
-        )
-        segs = np.append(seg_starts, length)
-        groups = np.append(group_starts, length)
-        heads = np.concatenate([[0], np.cumsum(head_len)])
-        offsets = torch.from_numpy(np.concatenate([segs, groups, heads]).astype(np.int32)).to(device)
-        seg_o, group_o, head_o = torch.split(offsets, [len(segs), len(groups), len(heads)])
-        return cls(
-            seg_o,
-            int(np.diff(segs).max()),
-            group_o,
-            int(np.diff(groups).max()),
-            torch.from_numpy(head_rows).to(device),
-            head_o,
-            int(head_len.max()),
-            torch.from_numpy(arrays.doc > 0).to(device).view(length, 1, 1),
-        )
+        segs = np.append(np.flatnonzero(np.diff(arrays.segment_start, prepend=-1)), length)
+        offsets = torch.from_numpy(segs.astype(np.int32)).to(head_start.device, non_blocking=True)
+        return cls(offsets, int(np.diff(segs).max()), head_start, head_end)
 
 
 def flash_varlen(
@@ -188,6 +165,7 @@ class LayerWeights:
     qkv: Tensor
     q_norm: Tensor
     k_norm: Tensor
+    qk_norms: Tensor  # [2, head_dim]: q_norm, k_norm stacked (the Triton kernel's layout)
     o: Tensor
     post_norm: Tensor
     gate_up: Tensor
@@ -216,6 +194,7 @@ def _extract_layers(model: Any) -> list[LayerWeights]:
                 qkv=_fuse_rows(attn.q_proj, attn.k_proj, attn.v_proj),
                 q_norm=attn.q_norm.weight.detach(),
                 k_norm=attn.k_norm.weight.detach(),
+                qk_norms=torch.stack([attn.q_norm.weight.detach(), attn.k_norm.weight.detach()]),
                 o=attn.o_proj.weight.detach(),
                 post_norm=layer.post_attention_layernorm.weight.detach(),
                 gate_up=_fuse_rows(mlp.gate_proj, mlp.up_proj),
@@ -268,9 +247,11 @@ class Qwen3PackedScorer:
         self.attention = attention
         self.compiled = compile
         self.pad_to_multiple = FLEX_BLOCK if attention == "flex_attention" else 1
+        # Triton kernels wherever CUDA is (they need no compiler step of torch's, only Triton)
+        self.triton_kernels = self.device.type == "cuda"
         self._attention_inputs: Any = attention_inputs
+        self._norm_qkv: Any = norm_qkv
         self._mlp_block: Any = mlp_block
-        self._merge: Any = merge_partial_attention
         self._flex: Any = None
         if attention == "flex_attention":
             from torch.nn.attention.flex_attention import flex_attention
@@ -279,8 +260,8 @@ class Qwen3PackedScorer:
             self._block_mask_kwargs = _from_kv_blocks_kwargs()
         if compile:
             self._attention_inputs = torch.compile(attention_inputs, fullgraph=True)
+            self._norm_qkv = torch.compile(norm_qkv, fullgraph=True)
             self._mlp_block = torch.compile(mlp_block, fullgraph=True)
-            self._merge = torch.compile(merge_partial_attention, fullgraph=True)
             if self._flex is not None:
                 self._flex = torch.compile(self._flex, fullgraph=True)
 
@@ -297,6 +278,8 @@ class Qwen3PackedScorer:
         """Attention of a pack: q [L, heads, D], k and v [L, kv_heads, D] -> [L, heads, D]."""
         scale = self.head_dim**-0.5
         if self.attention == "flash_varlen":
+            from worker.engine.kernels import head_attention_merge
+
             lay: VarlenLayout = mask
             own, own_lse = flash_varlen(
                 q,
@@ -309,23 +292,7 @@ class Qwen3PackedScorer:
                 causal=True,
                 scale=scale,
             )
-            head, head_lse = flash_varlen(
-                q,
-                k[lay.head_rows],
-                v[lay.head_rows],
-                lay.group_offsets,
-                lay.head_offsets,
-                lay.longest_group,
-                lay.longest_head,
-                causal=False,
-                scale=scale,
-            )
-            self._dynamic(own, head, lay.is_doc)
-            if self.compiled:
-                torch._dynamo.maybe_mark_dynamic(own_lse, 1)
-                torch._dynamo.maybe_mark_dynamic(head_lse, 1)
-            merged: Tensor = self._merge(own, own_lse, head, head_lse, lay.is_doc)
-            return merged
+            return head_attention_merge(q, k, v, own, own_lse, lay.head_start, lay.head_end, scale)
         qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, L, D]
         if self.attention == "flex_attention":
             out: Tensor = self._flex(qh, kh, vh, block_mask=mask, scale=scale, enable_gqa=True)
@@ -335,7 +302,7 @@ class Qwen3PackedScorer:
 
     def _mask(self, arrays: PackArrays, head_start: Tensor, head_end: Tensor, segment_start: Tensor) -> Any:
         if self.attention == "flash_varlen":
-            return VarlenLayout.of(arrays, self.device)
+            return VarlenLayout.of(arrays, head_start, head_end)
         mask_mod = interval_mask(head_start, head_end, segment_start)
         length = head_start.shape[0]
         if self.attention == "flex_attention":
@@ -368,11 +335,20 @@ class Qwen3PackedScorer:
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [L, 1, head_dim]
         self._dynamic(x, cos, sin)
         last = len(self.layers) - 1
+        if self.triton_kernels:
+            from worker.engine.kernels import qk_norm_rotary
+
+            cos2d, sin2d = cos[:, 0], sin[:, 0]
         for i, w in enumerate(self.layers):
-            q, k, v = self._attention_inputs(
-                x, cos, sin, w.input_norm, w.qkv, w.q_norm, w.k_norm, self.heads, self.kv_heads, self.eps
-            )
+            if self.triton_kernels:
+                qkv = self._norm_qkv(x, w.input_norm, w.qkv, self.eps)
+                q, k, v = qk_norm_rotary(qkv, cos2d, sin2d, w.qk_norms, self.heads, self.kv_heads, self.eps)
+            else:
+                q, k, v = self._attention_inputs(
+                    x, cos, sin, w.input_norm, w.qkv, w.q_norm, w.k_norm, self.heads, self.kv_heads, self.eps
+                )
             attended = self._attend(q, k, v, mask)
+            self._dynamic(attended)
             if i == last:  # only the document-end rows are read from here on
                 x, attended = x[ends], attended[ends]
                 self._dynamic(x)

@@ -1,0 +1,218 @@
+"""Two Triton kernels for the packed forward on CUDA, where the compiler's versions cost twice their memory traffic.
+
+`qk_norm_rotary`: per-head RMSNorm of q and k and rotate-half rotary, read straight from the fused q/k/v matmul
+output and written as the contiguous q and k FlashAttention takes (v is passed on as a strided view: no copy).
+Roundings follow the eager Qwen3 code step by step (norm, weight product, each rotary product and their sum are
+each rounded to the model dtype), so the result is what `transformers` computes, not a more precise cousin of it.
+
+`head_attention_merge`: each document token's attention over its group's head (the shared query prefix), merged
+into the attention over its own segment that FlashAttention already wrote, in place, by log-sum-exp. This replaces
+a second FlashAttention call over gathered head rows and a separate merge pass (three full-size tensors written and
+read) with one pass. The head is the contiguous pack range [head_start, head_end) of each token, so nothing is
+gathered.
+
+Both take any float dtype; the tests run them under Triton's interpreter on CPU and on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Triton's interpreter (CPU tests) cannot time configurations: it gets one, and a single config is never timed.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(configs: list[triton.Config]) -> list[triton.Config]:
+    return configs[:1] if _INTERPRETED else configs
+
+
+@triton.autotune(
+    configs=_configs([triton.Config({"BLOCK_T": t}, num_warps=w) for t in (32, 16, 64) for w in (4, 2, 8)]),
+    key=["H", "KV", "D"],  # not the length: a new pack length must not tune again
+)
+@triton.jit
+def _qk_norm_rotary_kernel(
+    qkv_ptr,
+    cos_ptr,
+    sin_ptr,
+    norm_ptr,  # [2, D]: q_norm weight, then k_norm weight
+    q_ptr,
+    k_ptr,
+    length,
+    stride_qkv,
+    stride_rot,
+    eps,
+    H: tl.constexpr,
+    KV: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    block = tl.program_id(0)
+    head = tl.program_id(1)  # 0..H-1: q heads, H..H+KV-1: k heads
+    HALF: tl.constexpr = D // 2
+    rows = block * BLOCK_T + tl.arange(0, BLOCK_T)
+    live = rows < length
+    cols = tl.arange(0, HALF)
+    src = qkv_ptr + rows[:, None].to(tl.int64) * stride_qkv + head * D + cols[None, :]
+    lo = tl.load(src, mask=live[:, None], other=0.0)
+    hi = tl.load(src + HALF, mask=live[:, None], other=0.0)
+    dtype = lo.dtype
+    lo = lo.to(tl.float32)
+    hi = hi.to(tl.float32)
+    inv_rms = tl.rsqrt((tl.sum(lo * lo, 1) + tl.sum(hi * hi, 1)) / D + eps)
+    which = (head >= H).to(tl.int32)
+    w_lo = tl.load(norm_ptr + which * D + cols).to(tl.float32)
+    w_hi = tl.load(norm_ptr + which * D + HALF + cols).to(tl.float32)
+    # eager: weight * (x * rsqrt(var + eps)).to(dtype), a dtype product
+    n_lo = (w_lo[None, :] * (lo * inv_rms[:, None]).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    n_hi = (w_hi[None, :] * (hi * inv_rms[:, None]).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    rot = rows[:, None].to(tl.int64) * stride_rot + cols[None, :]
+    c_lo = tl.load(cos_ptr + rot, mask=live[:, None], other=0.0).to(tl.float32)
+    c_hi = tl.load(cos_ptr + rot + HALF, mask=live[:, None], other=0.0).to(tl.float32)
+    s_lo = tl.load(sin_ptr + rot, mask=live[:, None], other=0.0).to(tl.float32)
+    s_hi = tl.load(sin_ptr + rot + HALF, mask=live[:, None], other=0.0).to(tl.float32)
+    # eager: x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x_hi, x_lo); each product and the sum rounded
+    out_lo = (n_lo * c_lo).to(dtype).to(tl.float32) + (-n_hi * s_lo).to(dtype).to(tl.float32)
+    out_hi = (n_hi * c_hi).to(dtype).to(tl.float32) + (n_lo * s_hi).to(dtype).to(tl.float32)
+    if head < H:
+        dst = q_ptr + rows[:, None].to(tl.int64) * (H * D) + head * D + cols[None, :]
+    else:
+        dst = k_ptr + rows[:, None].to(tl.int64) * (KV * D) + (head - H) * D + cols[None, :]
+    tl.store(dst, out_lo.to(dtype), mask=live[:, None])
+    tl.store(dst + HALF, out_hi.to(dtype), mask=live[:, None])
+
+
+def qk_norm_rotary(
+    qkv: Tensor,  # [L, (H + 2 KV) * D]
+    cos: Tensor,  # [L, D]
+    sin: Tensor,
+    norms: Tensor,  # [2, D]
+    heads: int,
+    kv_heads: int,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """q [L, H, D] and k [L, KV, D] normed and rotated (contiguous), v [L, KV, D] a view of `qkv`."""
+    length = qkv.shape[0]
+    head_dim = norms.shape[1]
+    if qkv.stride(1) != 1 or cos.stride(1) != 1 or sin.stride() != cos.stride():
+        raise ValueError("qk_norm_rotary wants row-major qkv, cos and sin")
+    q = torch.empty(length, heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty(length, kv_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+
+    def grid(meta: dict[str, int]) -> tuple[int, int]:
+        return (triton.cdiv(length, meta["BLOCK_T"]), heads + kv_heads)
+
+    _qk_norm_rotary_kernel[grid](
+        qkv, cos, sin, norms, q, k, length, qkv.stride(0), cos.stride(0), eps, H=heads, KV=kv_heads, D=head_dim
+    )
+    v = qkv[:, (heads + kv_heads) * head_dim :].view(length, kv_heads, head_dim)
+    return q, k, v
+
+
+@triton.autotune(
+    configs=_configs(
+        [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s) for m in (64, 128) for w in (4, 8) for s in (1, 2)]
+    ),
+    key=["H", "KV", "D", "DOT_PRECISION"],
+    restore_value=["out_ptr"],  # the kernel updates its input in place: every timed trial must start from it
+)
+@triton.jit
+def _head_attention_merge_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,  # in: attention over the own segment; out: merged with the head (document rows only)
+    lse_ptr,  # [H, L] fp32: natural log-sum-exp of the own-segment attention
+    head_start_ptr,
+    head_end_ptr,
+    length,
+    stride_q,
+    stride_k,
+    stride_v,
+    stride_o,
+    stride_lse,
+    scale,
+    H: tl.constexpr,
+    KV: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    block = tl.program_id(0)
+    h = tl.program_id(1)
+    kv = h // (H // KV)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    live = rows < length
+    head_start = tl.load(head_start_ptr + rows, mask=live, other=0)
+    head_end = tl.load(head_end_ptr + rows, mask=live, other=0)
+    is_doc = live & (rows >= head_end)  # head tokens see only their own segment: already final
+    if tl.max(is_doc.to(tl.int32), 0) == 0:
+        return
+    key_lo = tl.min(tl.where(is_doc, head_start, length), 0)
+    key_hi = tl.max(tl.where(is_doc, head_end, 0), 0)
+    dims = tl.arange(0, D)
+    rows64 = rows.to(tl.int64)
+    q = tl.load(q_ptr + rows64[:, None] * stride_q + h * D + dims[None, :], mask=is_doc[:, None], other=0.0)
+    m = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: a row with no key yet keeps exp(m - m_new) = 1
+    denom = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for start in range(key_lo, key_hi, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        keys64 = keys.to(tl.int64)
+        in_range = keys < key_hi
+        kt = tl.load(k_ptr + keys64[:, None] * stride_k + kv * D + dims[None, :], mask=in_range[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION) * scale
+        visible = is_doc[:, None] & (keys[None, :] >= head_start[:, None]) & (keys[None, :] < head_end[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        denom = denom * alpha + tl.sum(p, 1)
+        vt = tl.load(v_ptr + keys64[:, None] * stride_v + kv * D + dims[None, :], mask=in_range[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
+        m = m_new
+    out_at = out_ptr + rows64[:, None] * stride_o + h * D + dims[None, :]
+    own = tl.load(out_at, mask=is_doc[:, None], other=0.0)
+    own_lse = tl.load(lse_ptr + h * stride_lse + rows, mask=is_doc, other=0.0)
+    top = tl.maximum(m, own_lse)
+    own_w = tl.exp(own_lse - top)
+    head_w = tl.exp(m - top)
+    merged = (own.to(tl.float32) * own_w[:, None] + acc * head_w[:, None]) / (own_w + denom * head_w)[:, None]
+    tl.store(out_at, merged.to(own.dtype), mask=is_doc[:, None])
+
+
+def head_attention_merge(
+    q: Tensor,  # [L, H, D]
+    k: Tensor,  # [L, KV, D], any token stride
+    v: Tensor,
+    own: Tensor,  # [L, H, D]: attention of each token over its own segment; updated in place
+    own_lse: Tensor,  # [H, L] fp32
+    head_start: Tensor,  # [L] int
+    head_end: Tensor,
+    scale: float,
+) -> Tensor:
+    length, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    for t in (q, k, v, own):
+        if t.stride(2) != 1 or t.stride(1) != head_dim:
+            raise ValueError("head_attention_merge wants [L, heads, D] tensors with contiguous heads")
+    if own_lse.stride(1) != 1:
+        own_lse = own_lse.contiguous()
+
+    def grid(meta: dict[str, int]) -> tuple[int, int]:
+        return (triton.cdiv(length, meta["BLOCK_M"]), heads)
+
+    # BLOCK_N fixed (not tuned): it sets where the online softmax is cut, so it must not vary between machines
+    _head_attention_merge_kernel[grid](
+        q, k, v, own, own_lse, head_start, head_end, length,
+        q.stride(0), k.stride(0), v.stride(0), own.stride(0), own_lse.stride(0), scale,
+        H=heads, KV=kv_heads, D=head_dim, BLOCK_N=64,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (tf32 drops 13 bits)
+    )  # fmt: skip
+    return own
