@@ -159,6 +159,10 @@ def _head_attention_merge_kernel(
     dims = tl.arange(0, D)
     rows64 = rows.to(tl.int64)
     q = tl.load(q_ptr + rows64[:, None] * stride_q + h * D + dims[None, :], mask=is_doc[:, None], other=0.0)
+    # issued before the key loop so their latency hides behind it
+    out_at = out_ptr + rows64[:, None] * stride_o + h * D + dims[None, :]
+    own = tl.load(out_at, mask=is_doc[:, None], other=0.0)
+    own_lse = tl.load(lse_ptr + h * stride_lse + rows, mask=is_doc, other=0.0)
     m = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: a row with no key yet keeps exp(m - m_new) = 1
     denom = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -177,9 +181,6 @@ def _head_attention_merge_kernel(
         vt = tl.load(v_ptr + keys64[:, None] * stride_v + kv * D + dims[None, :], mask=in_range[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
         m = m_new
-    out_at = out_ptr + rows64[:, None] * stride_o + h * D + dims[None, :]
-    own = tl.load(out_at, mask=is_doc[:, None], other=0.0)
-    own_lse = tl.load(lse_ptr + h * stride_lse + rows, mask=is_doc, other=0.0)
     top = tl.maximum(m, own_lse)
     own_w = tl.exp(own_lse - top)
     head_w = tl.exp(m - top)

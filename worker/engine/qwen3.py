@@ -104,9 +104,16 @@ def mlp_block(
     eps: float,
 ) -> Tensor:
     rows = x.shape[0]
-    x = x + F.linear(attended.reshape(rows, -1), o_weight)
+    x = residual_add(x, F.linear(attended.reshape(rows, -1), o_weight))
     gate, up = F.linear(rms_norm(x, post_norm, eps), gate_up_weight).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, down_weight)
+    return residual_add(x, F.linear(F.silu(gate) * up, down_weight))
+
+
+def residual_add(x: Tensor, update: Tensor) -> Tensor:
+    """x + update, rounded once to x's dtype (what a bf16 add does). Spelled through fp32 so that the compiler does
+    not fold it into the matmul as addmm: cuBLAS's addmm first copies x into the output (two 64 MB copies per
+    layer at 32k tokens), where the plain add fuses into the kernel that reads the sum next."""
+    return (x.float() + update.float()).to(x.dtype)
 
 
 def norm_qkv(x: Tensor, input_norm: Tensor, qkv_weight: Tensor, eps: float) -> Tensor:
