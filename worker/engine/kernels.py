@@ -217,3 +217,118 @@ def head_attention_merge(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (tf32 drops 13 bits)
     )  # fmt: skip
     return own
+
+
+@triton.autotune(
+    configs=_configs(
+        [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s) for m in (64, 128) for w in (4, 8) for s in (2, 3)]
+    ),
+    key=["H", "KV", "D", "DOT_PRECISION"],
+)
+@triton.jit
+def _pack_attention_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    head_start_ptr,
+    head_end_ptr,
+    segment_start_ptr,
+    length,
+    stride_q,
+    stride_k,
+    stride_v,
+    stride_o,
+    scale,
+    H: tl.constexpr,
+    KV: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    block = tl.program_id(0)
+    h = tl.program_id(1)
+    kv = h // (H // KV)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    live = rows < length
+    head_start = tl.load(head_start_ptr + rows, mask=live, other=0)
+    head_end = tl.load(head_end_ptr + rows, mask=live, other=0)
+    segment_start = tl.load(segment_start_ptr + rows, mask=live, other=0)
+    is_doc = live & (rows >= head_end)
+    dims = tl.arange(0, D)
+    rows64 = rows.to(tl.int64)
+    q = tl.load(q_ptr + rows64[:, None] * stride_q + h * D + dims[None, :], mask=live[:, None], other=0.0)
+    m = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    denom = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    # 1. each token over its own segment, causally: keys from the block's first segment start to its last row
+    own_lo = tl.min(tl.where(live, segment_start, length), 0)
+    own_hi = tl.minimum(block * BLOCK_M + BLOCK_M, length)
+    for start in range(own_lo, own_hi, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        keys64 = keys.to(tl.int64)
+        in_range = keys < own_hi
+        kt = tl.load(k_ptr + keys64[:, None] * stride_k + kv * D + dims[None, :], mask=in_range[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION) * scale
+        visible = live[:, None] & (keys[None, :] >= segment_start[:, None]) & (keys[None, :] <= rows[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        denom = denom * alpha + tl.sum(p, 1)
+        vt = tl.load(v_ptr + keys64[:, None] * stride_v + kv * D + dims[None, :], mask=in_range[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
+        m = m_new
+    # 2. document tokens over their group's head (head tokens saw it in step 1: it is their own segment)
+    head_lo = tl.min(tl.where(is_doc, head_start, length), 0)
+    head_hi = tl.max(tl.where(is_doc, head_end, 0), 0)
+    for start in range(head_lo, head_hi, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        keys64 = keys.to(tl.int64)
+        in_range = keys < head_hi
+        kt = tl.load(k_ptr + keys64[:, None] * stride_k + kv * D + dims[None, :], mask=in_range[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION) * scale
+        visible = is_doc[:, None] & (keys[None, :] >= head_start[:, None]) & (keys[None, :] < head_end[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        denom = denom * alpha + tl.sum(p, 1)
+        vt = tl.load(v_ptr + keys64[:, None] * stride_v + kv * D + dims[None, :], mask=in_range[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
+        m = m_new
+    out = acc / tl.maximum(denom, 1.0e-30)[:, None]  # every live row sees at least itself: denom >= 1
+    tl.store(out_ptr + rows64[:, None] * stride_o + h * D + dims[None, :], out.to(q.dtype), mask=live[:, None])
+
+
+def pack_attention(
+    q: Tensor,  # [L, H, D]
+    k: Tensor,  # [L, KV, D], any token stride
+    v: Tensor,
+    head_start: Tensor,  # [L] int
+    head_end: Tensor,
+    segment_start: Tensor,
+    scale: float,
+) -> Tensor:
+    """Attention of a whole pack in one kernel: each token over its own segment causally and, for document
+    tokens, over their group's head. Needs only per-token ranges on the device (no host-side lengths), so a pack
+    of a given length is a fixed launch: CUDA-graph friendly. Padding rows (an empty head, their own segment)
+    attend to themselves and are never read."""
+    length, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    for t in (q, k, v):
+        if t.stride(2) != 1 or t.stride(1) != head_dim:
+            raise ValueError("pack_attention wants [L, heads, D] tensors with contiguous heads")
+    out = torch.empty_like(q)
+
+    def grid(meta: dict[str, int]) -> tuple[int, int]:
+        return (triton.cdiv(length, meta["BLOCK_M"]), heads)
+
+    _pack_attention_kernel[grid](
+        q, k, v, out, head_start, head_end, segment_start, length,
+        q.stride(0), k.stride(0), v.stride(0), out.stride(0), scale,
+        H=heads, KV=kv_heads, D=head_dim, BLOCK_N=64,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )  # fmt: skip
+    return out
