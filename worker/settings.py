@@ -40,10 +40,11 @@ class Settings(BaseSettings):
     )
     attention: Literal["auto", "triton", "flash_varlen", "flex_attention", "sdpa", "eager"] = Field(
         "auto",
-        description="Attention kernel: `auto` is `triton` on CUDA (the worker's pack attention kernel: each segment "
-        "causally over itself plus its job's head, no mask, no host-side lengths) and SDPA with a dense mask on "
-        "CPU. `flash_varlen` (bfloat16/float16: FlashAttention per segment plus a head-merge kernel) and "
-        "`flex_attention` (block mask from segment ids) can be chosen on CUDA. `eager` runs the model's own decoder.",
+        description="Attention kernel: `auto` is `flash_varlen` on CUDA in bfloat16/float16 (FlashAttention per "
+        "segment plus a Triton kernel merging in each document's view of its job's head), `flex_attention` (block "
+        "mask from segment ids) on CUDA in float32, SDPA with a dense mask on CPU. `triton`: one Triton kernel for "
+        "the whole pack, the only one CUDA graphs capture (slower on an H100 so far). `eager` runs the model's own "
+        "decoder.",
     )
     forward: Literal["auto", "packed", "transformers"] = Field(
         "auto",
@@ -57,8 +58,9 @@ class Settings(BaseSettings):
     )
     cuda_graphs: bool = Field(
         True,
-        description="With `triton` attention on CUDA, capture the forward as one CUDA graph per pack-length bucket "
-        "at warm-up (packs are padded to the next bucket; one launch per pack). `false` launches kernel by kernel.",
+        description="With `RERANK_ATTENTION=triton` on CUDA, capture the forward as one CUDA graph per pack-length "
+        "bucket at warm-up (packs are padded to the next bucket; one launch per pack). `false` launches kernel by "
+        "kernel. Other attention kernels always launch kernel by kernel.",
     )
     max_doc_tokens: PositiveInt = Field(512, description="Each document is cut to this many tokens.")
     max_query_tokens: PositiveInt = Field(

@@ -198,7 +198,9 @@ def test_forward_packed_refuses_what_it_cannot_run(tiny_model_dir: Path) -> None
 if torch.cuda.is_available():  # graphs exist only on CUDA; on CPU there is nothing to compare
 
     def test_cuda_graph_replay_scores_like_the_kernel_by_kernel_forward(tiny_model_dir: Path) -> None:
-        engine = RerankEngine.load(str(tiny_model_dir), device="cuda", dtype="float32", max_batch_tokens=4096)
+        engine = RerankEngine.load(
+            str(tiny_model_dir), device="cuda", dtype="float32", attention="triton", max_batch_tokens=4096
+        )
         rng = np.random.default_rng(3)
         requests = [make_job(rng, n, 30, 120) for n in (1, 17, 60)]  # packs of several lengths and jobs
         before = engine.score(requests)

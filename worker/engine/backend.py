@@ -133,10 +133,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_attention(attention: str, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
-    """`auto`: on CUDA the worker's Triton pack attention (any dtype; CUDA-graph friendly), on CPU SDPA with a
-    dense mask. `flash_varlen` (bf16/fp16) and `flex_attention` stay selectable on CUDA."""
+    """`auto`: FlashAttention varlen plus the head-merge kernel on CUDA in bf16/fp16, FlexAttention on CUDA in
+    fp32, SDPA with a dense mask on CPU. `triton` (the one-kernel pack attention, the only one CUDA graphs can
+    capture) is selectable; on the H100 it is 2.6x slower than `flash_varlen` so far (docs/PERFORMANCE.md)."""
     if attention == "auto":
-        return "triton" if device.type == "cuda" else "sdpa"
+        if device.type != "cuda":
+            return "sdpa"
+        return "flash_varlen" if dtype in (torch.bfloat16, torch.float16) else "flex_attention"
     if attention not in ("triton", "flash_varlen", "flex_attention", "sdpa", "eager"):
         raise ValueError(f"unknown attention backend {attention!r}")
     if attention == "triton" and device.type != "cuda":
