@@ -145,8 +145,6 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--workloads", default="a,b,c")
-    ap.add_argument("--attention", default="auto")
-    ap.add_argument("--cuda-graphs", choices=["on", "off"], default="on")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     ap.add_argument(
         "--switch-interval-ms",
@@ -165,13 +163,7 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(str(a.model_dir))
     t0 = time.perf_counter()
-    engine = RerankEngine.load(
-        str(a.model_dir),
-        device=a.device,
-        dtype=str(dtype).removeprefix("torch."),
-        attention=a.attention,
-        cuda_graphs=a.cuda_graphs == "on",
-    )
+    engine = RerankEngine.load(str(a.model_dir), device=a.device, dtype=str(dtype).removeprefix("torch."))
     load_s = time.perf_counter() - t0
     warm_up_s = engine.warm_up()
     reference = AutoModelForCausalLM.from_pretrained(str(a.model_dir), dtype=dtype, attn_implementation="sdpa")
@@ -189,7 +181,6 @@ def main() -> None:
         "max_batch_tokens": info.max_batch_tokens,
         "forward": info.forward,
         "compiled": info.compiled,
-        "cuda_graphs": info.cuda_graphs,
         "engine_load_s": round(load_s, 1),
         "engine_warm_up_s": round(warm_up_s, 1),
         "document_encoder": engine.tokenizer.document_encoder,

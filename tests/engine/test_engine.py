@@ -8,11 +8,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bench.workloads import make_job
 from tests.reference import official_ids, official_score, official_score_ids
 from tests.strategies import document_lists, nonblank_text
 from worker.engine import RerankEngine, ScoreRequest
@@ -193,19 +191,3 @@ def test_every_forward_and_attention_gives_the_same_scores(
 def test_forward_packed_refuses_what_it_cannot_run(tiny_model_dir: Path) -> None:
     with pytest.raises(ValueError, match="eager attention"):
         RerankEngine.load(str(tiny_model_dir), device="cpu", attention="eager", forward="packed")
-
-
-if torch.cuda.is_available():  # graphs exist only on CUDA; on CPU there is nothing to compare
-
-    def test_cuda_graph_replay_scores_like_the_kernel_by_kernel_forward(tiny_model_dir: Path) -> None:
-        engine = RerankEngine.load(
-            str(tiny_model_dir), device="cuda", dtype="float32", attention="triton", max_batch_tokens=4096
-        )
-        rng = np.random.default_rng(3)
-        requests = [make_job(rng, n, 30, 120) for n in (1, 17, 60)]  # packs of several lengths and jobs
-        before = engine.score(requests)
-        engine.warm_up()
-        assert engine.info.cuda_graphs > 0
-        after = engine.score(requests)
-        for b, a in zip(before, after, strict=True):
-            np.testing.assert_allclose(a.scores, b.scores, rtol=0, atol=1e-5)

@@ -18,7 +18,7 @@ from torch import Tensor
 from worker.engine.masks import dense_mask, packed_rerank_mask
 from worker.engine.plan import PackArrays
 
-AttentionBackend = Literal["triton", "flash_varlen", "flex_attention", "sdpa", "eager"]
+AttentionBackend = Literal["flash_varlen", "flex_attention", "sdpa", "eager"]
 # FlexAttention works on 128x128 blocks: padding to a multiple of the block keeps every block whole.
 FLEX_BLOCK = 128
 
@@ -30,7 +30,6 @@ class BackendInfo:
     attention: AttentionBackend
     forward: str = "transformers"  # "packed-qwen3": worker.engine.qwen3; "transformers": the model's own decoder
     compiled: bool = False
-    cuda_graphs: int = 0  # pack-length buckets captured as CUDA graphs
 
 
 class PackScorer(Protocol):
@@ -44,10 +43,6 @@ class PackScorer(Protocol):
 
     def score_pack(self, arrays: PackArrays) -> npt.NDArray[np.float32]: ...
 
-    def capture_graphs(self, max_tokens: int) -> int:
-        """Capture CUDA graphs for packs up to `max_tokens` where the backend can; returns how many (0: none)."""
-        ...
-
 
 def load_scorer(
     model_name_or_path: str,
@@ -57,7 +52,6 @@ def load_scorer(
     attention: str,
     forward: str = "auto",
     compile: str = "auto",
-    cuda_graphs: bool = True,
     yes_id: int,
     no_id: int,
 ) -> PackScorer:
@@ -76,7 +70,7 @@ def load_scorer(
     torch_dtype = resolve_dtype(dtype, torch_device)
     attn = resolve_attention(attention, torch_device, torch_dtype)
     # the model's own attention serves only the transformers path, which has no varlen layout: Flex there
-    hf_attn: AttentionBackend = "flex_attention" if attn in ("flash_varlen", "triton") else attn
+    hf_attn: AttentionBackend = "flex_attention" if attn == "flash_varlen" else attn
     model: Any = AutoModelForCausalLM.from_pretrained(
         model_name_or_path, dtype=torch_dtype, attn_implementation=hf_attn
     )
@@ -90,14 +84,7 @@ def load_scorer(
         return TorchScorer(model, yes_id=yes_id, no_id=no_id, attention=hf_attn)
     # torch.compile on CUDA only: on CPU the forward is for tests and small loads, where compiling costs more
     compiled = compile == "on" or (compile == "auto" and torch_device.type == "cuda")
-    return Qwen3PackedScorer(
-        model,
-        yes_id=yes_id,
-        no_id=no_id,
-        attention=attn,  # type: ignore[arg-type]
-        compile=compiled,
-        cuda_graphs=cuda_graphs,
-    )
+    return Qwen3PackedScorer(model, yes_id=yes_id, no_id=no_id, attention=attn, compile=compiled)  # type: ignore[arg-type]
 
 
 def yes_minus_no_vector(model: Any, yes_id: int, no_id: int) -> Tensor:
@@ -133,17 +120,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_attention(attention: str, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
-    """`auto`: FlashAttention varlen plus the head-merge kernel on CUDA in bf16/fp16, FlexAttention on CUDA in
-    fp32, SDPA with a dense mask on CPU. `triton` (the one-kernel pack attention, the only one CUDA graphs can
-    capture) is selectable; on the H100 it is 2.6x slower than `flash_varlen` so far (docs/PERFORMANCE.md)."""
+    """`auto`: FlashAttention varlen on CUDA in bf16/fp16 (its kernels take no fp32), FlexAttention on CUDA in
+    fp32, SDPA with a dense mask on CPU."""
     if attention == "auto":
         if device.type != "cuda":
             return "sdpa"
         return "flash_varlen" if dtype in (torch.bfloat16, torch.float16) else "flex_attention"
-    if attention not in ("triton", "flash_varlen", "flex_attention", "sdpa", "eager"):
+    if attention not in ("flash_varlen", "flex_attention", "sdpa", "eager"):
         raise ValueError(f"unknown attention backend {attention!r}")
-    if attention == "triton" and device.type != "cuda":
-        raise ValueError("triton attention needs CUDA")
     if attention == "flash_varlen" and (device.type != "cuda" or dtype == torch.float32):
         raise ValueError("flash_varlen attention needs CUDA and bfloat16 or float16")
     return attention  # type: ignore[return-value]
@@ -179,9 +163,6 @@ class TorchScorer:
         return torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(
             ~allowed, torch.finfo(self.dtype).min
         )
-
-    def capture_graphs(self, max_tokens: int) -> int:
-        return 0  # the Hugging Face decoder builds its mask on the host per call: nothing fixed to capture
 
     @torch.inference_mode()
     def score_pack(self, arrays: PackArrays) -> npt.NDArray[np.float32]:
