@@ -100,6 +100,20 @@ def test_other_tokenizers_fall_back_with_a_reason(plain: Tokenizer, edit: Any, r
     assert reason in why
 
 
+def test_a_regex_that_skips_characters_falls_back(plain: Tokenizer) -> None:
+    """tiktoken encodes only what the regex matches; Split keeps the gaps as pieces: the load-time probe tells."""
+
+    def drop_digits(spec: dict[str, Any]) -> None:
+        split = spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]
+        split["Regex"] = split["Regex"].replace("|\\p{N}|", "|")
+
+    variant = _variant(plain, drop_digits)
+    assert "\\p{N}|" not in json.loads(variant.to_str())["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"]
+    bpe, why = FastBPE.of(variant)
+    assert bpe is None
+    assert why.startswith("ids differ on the probe text")
+
+
 def test_unreachable_token_falls_back(plain: Tokenizer) -> None:
     """A token BPE cannot build from its own bytes would be returned whole by tiktoken's shortcut: add "abcd" with
     only the merge ab+cd where bc merges first (so a, bc, d is stuck) and no abc or bcd exists."""

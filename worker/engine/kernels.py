@@ -99,8 +99,8 @@ def qk_norm_rotary(
     """q [L, H, D] and k [L, KV, D] normed and rotated (contiguous), v [L, KV, D] a view of `qkv`."""
     length = qkv.shape[0]
     head_dim = norms.shape[1]
-    if qkv.stride(1) != 1 or cos.stride(1) != 1 or sin.stride() != cos.stride():
-        raise ValueError("qk_norm_rotary wants row-major qkv, cos and sin")
+    if qkv.stride(1) != 1 or cos.stride(1) != 1 or sin.stride() != cos.stride() or not norms.is_contiguous():
+        raise ValueError("qk_norm_rotary wants row-major qkv, cos and sin and a contiguous [2, D] norms")
     q = torch.empty(length, heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     k = torch.empty(length, kv_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
 
@@ -154,8 +154,6 @@ def _head_attention_merge_kernel(
     is_doc = live & (rows >= head_end)  # head tokens see only their own segment: already final
     if tl.max(is_doc.to(tl.int32), 0) == 0:
         return
-    key_lo = tl.min(tl.where(is_doc, head_start, length), 0)
-    key_hi = tl.max(tl.where(is_doc, head_end, 0), 0)
     dims = tl.arange(0, D)
     rows64 = rows.to(tl.int64)
     q = tl.load(q_ptr + rows64[:, None] * stride_q + h * D + dims[None, :], mask=is_doc[:, None], other=0.0)
@@ -166,21 +164,29 @@ def _head_attention_merge_kernel(
     m = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: a row with no key yet keeps exp(m - m_new) = 1
     denom = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    for start in range(key_lo, key_hi, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
-        keys64 = keys.to(tl.int64)
-        in_range = keys < key_hi
-        kt = tl.load(k_ptr + keys64[:, None] * stride_k + kv * D + dims[None, :], mask=in_range[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION) * scale
-        visible = is_doc[:, None] & (keys[None, :] >= head_start[:, None]) & (keys[None, :] < head_end[:, None])
-        scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, 1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(scores - m_new[:, None])
-        denom = denom * alpha + tl.sum(p, 1)
-        vt = tl.load(v_ptr + keys64[:, None] * stride_v + kv * D + dims[None, :], mask=in_range[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
-        m = m_new
+    # One pass per group (job) among the block's document rows, over that group's head only: a block straddling
+    # two jobs must not walk the keys between their heads (the earlier job's documents, all masked out).
+    group_lo = tl.min(tl.where(is_doc, head_start, length), 0)
+    while group_lo < length:
+        group_hi = tl.max(tl.where(is_doc & (head_start == group_lo), head_end, 0), 0)
+        for start in range(group_lo, group_hi, BLOCK_N):
+            keys = start + tl.arange(0, BLOCK_N)
+            keys64 = keys.to(tl.int64)
+            in_range = keys < group_hi
+            k_at = k_ptr + keys64[:, None] * stride_k + kv * D + dims[None, :]
+            kt = tl.load(k_at, mask=in_range[:, None], other=0.0)
+            scores = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION) * scale
+            visible = is_doc[:, None] & (keys[None, :] >= head_start[:, None]) & (keys[None, :] < head_end[:, None])
+            scores = tl.where(visible, scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, 1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(scores - m_new[:, None])
+            denom = denom * alpha + tl.sum(p, 1)
+            v_at = v_ptr + keys64[:, None] * stride_v + kv * D + dims[None, :]
+            vt = tl.load(v_at, mask=in_range[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
+            m = m_new
+        group_lo = tl.min(tl.where(is_doc & (head_start > group_lo), head_start, length), 0)
     top = tl.maximum(m, own_lse)
     own_w = tl.exp(own_lse - top)
     head_w = tl.exp(m - top)
@@ -203,6 +209,8 @@ def head_attention_merge(
     for t in (q, k, v, own):
         if t.stride(2) != 1 or t.stride(1) != head_dim:
             raise ValueError("head_attention_merge wants [L, heads, D] tensors with contiguous heads")
+    if head_start.stride(0) != 1 or head_end.stride(0) != 1:
+        raise ValueError("head_attention_merge wants contiguous head_start and head_end")
     if own_lse.stride(1) != 1:
         own_lse = own_lse.contiguous()
 
