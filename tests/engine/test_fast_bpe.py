@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 from bench.workloads import make_job
 from tests.strategies import tricky_text
 from worker.engine import RerankEngine, fast_bpe
-from worker.engine.fast_bpe import FastBPE, _byte_level_alphabet
+from worker.engine.fast_bpe import FastBPE, _byte_level_alphabet, split_tie_cases
 from worker.engine.prompt import document_tail
 from worker.engine.tokenize import _without_added_tokens
 
@@ -65,13 +65,7 @@ def test_overlapping_splits_of_one_token(plain: Tokenizer, fast: FastBPE) -> Non
     merges the earlier-listed split first, tiktoken the leftmost). Search every such T in the vocabulary."""
     vocab: dict[str, int] = json.loads(plain.to_str())["model"]["vocab"]
     alphabet = _byte_level_alphabet()
-    cases = []
-    for token in vocab:
-        n = len(token)
-        for m in range(1, n):
-            x, y, z = token[: n - m], token[:m], token[m:]
-            if token[:m] == token[n - m :] and x != z and x in vocab and y in vocab and z in vocab:
-                cases += [x + y + z, x + y + z + y, y + x + y + z]
+    cases = split_tie_cases(vocab)
     assert len(cases) > 100  # the search found the shapes it looks for
     for case in cases:
         piece = bytes(alphabet[ch] for ch in case)

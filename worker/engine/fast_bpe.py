@@ -180,8 +180,9 @@ def _merges_match_ranks(merges: list[tuple[str, str]], vocab: dict[str, int]) ->
     return ""
 
 
-def _split_ties_agree(fast: FastBPE, tokenizer: Tokenizer, vocab: dict[str, int], alphabet: dict[str, int]) -> str:
-    """ "" if every x+y+z with x+y = y+z a token encodes alike both ways (see the module docstring)."""
+def split_tie_cases(vocab: dict[str, int]) -> list[str]:
+    """Pieces (in the vocabulary's byte-level characters) where two splits of one token T meet: symbols x, y, z
+    with x+y = y+z = T, alone and in two contexts."""
     cases = []
     for token in vocab:
         n = len(token)
@@ -189,8 +190,13 @@ def _split_ties_agree(fast: FastBPE, tokenizer: Tokenizer, vocab: dict[str, int]
             x, y, z = token[: n - m], token[:m], token[m:]
             if token[:m] == token[n - m :] and x != z and x in vocab and y in vocab and z in vocab:
                 cases += [x + y + z, x + y + z + y, y + x + y + z]
+    return cases
+
+
+def _split_ties_agree(fast: FastBPE, tokenizer: Tokenizer, vocab: dict[str, int], alphabet: dict[str, int]) -> str:
+    """ "" if every split-tie case encodes alike both ways (see the module docstring)."""
     single_piece = fast._encoding._encode_single_piece
-    for case in cases:
+    for case in split_tie_cases(vocab):
         if single_piece(bytes(alphabet[ch] for ch in case)) != [t.id for t in tokenizer.model.tokenize(case)]:
             return f"merge order differs on {case!r} (ties between splits of one token)"
     return ""
