@@ -111,8 +111,9 @@ def mlp_block(
 
 def residual_add(x: Tensor, update: Tensor) -> Tensor:
     """x + update, rounded once to x's dtype (what a bf16 add does). Spelled through fp32 so that the compiler does
-    not fold it into the matmul as addmm: cuBLAS's addmm first copies x into the output (two 64 MB copies per
-    layer at 32k tokens), where the plain add fuses into the kernel that reads the sum next."""
+    not fold it into the matmul as addmm: cuBLAS's addmm first copies x into the output (64 MB at 32k tokens).
+    Measured on the H100: after o_proj the add fuses into the RMSNorm that reads the sum; after down_proj it is a
+    kernel of its own, about as costly as the copy it replaces (docs/PERFORMANCE.md)."""
     return (x.float() + update.float()).to(x.dtype)
 
 
@@ -170,9 +171,7 @@ def flash_varlen(
 class LayerWeights:
     input_norm: Tensor
     qkv: Tensor
-    q_norm: Tensor
-    k_norm: Tensor
-    qk_norms: Tensor  # [2, head_dim]: q_norm, k_norm stacked (the Triton kernel's layout)
+    qk_norms: Tensor  # [2, head_dim]: q_norm's weight, then k_norm's (the Triton kernel's layout)
     o: Tensor
     post_norm: Tensor
     gate_up: Tensor
@@ -199,8 +198,6 @@ def _extract_layers(model: Any) -> list[LayerWeights]:
             LayerWeights(
                 input_norm=layer.input_layernorm.weight.detach(),
                 qkv=_fuse_rows(attn.q_proj, attn.k_proj, attn.v_proj),
-                q_norm=attn.q_norm.weight.detach(),
-                k_norm=attn.k_norm.weight.detach(),
                 qk_norms=torch.stack([attn.q_norm.weight.detach(), attn.k_norm.weight.detach()]),
                 o=attn.o_proj.weight.detach(),
                 post_norm=layer.post_attention_layernorm.weight.detach(),
@@ -352,7 +349,7 @@ class Qwen3PackedScorer:
                 q, k, v = qk_norm_rotary(qkv, cos2d, sin2d, w.qk_norms, self.heads, self.kv_heads, self.eps)
             else:
                 q, k, v = self._attention_inputs(
-                    x, cos, sin, w.input_norm, w.qkv, w.q_norm, w.k_norm, self.heads, self.kv_heads, self.eps
+                    x, cos, sin, w.input_norm, w.qkv, *w.qk_norms, self.heads, self.kv_heads, self.eps
                 )
             attended = self._attend(q, k, v, mask)
             self._dynamic(attended)
