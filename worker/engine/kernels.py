@@ -225,3 +225,134 @@ def head_attention_merge(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (tf32 drops 13 bits)
     )  # fmt: skip
     return own
+
+
+# Rows of a query tile: BLOCK_M tokens x the GROUP query heads that share one key/value head, so every key block
+# loaded feeds GROUP heads at once and the matmuls are 128 rows tall whatever the grouping.
+PACK_TILE_ROWS = 128
+
+
+@triton.autotune(
+    configs=_configs([triton.Config({}, num_warps=w, num_stages=s) for w in (8, 4) for s in (2, 3, 1)]),
+    key=["H", "KV", "D", "BLOCK_N", "DOT_PRECISION"],  # not the length: a new pack length must not tune again
+)
+@triton.jit
+def _pack_attention_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    head_start_ptr,
+    head_end_ptr,
+    segment_start_ptr,
+    length,
+    stride_q,
+    stride_k,
+    stride_v,
+    stride_o,
+    qk_scale,  # softmax scale x log2(e): the kernel works in base 2
+    H: tl.constexpr,
+    KV: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    GROUP: tl.constexpr = H // KV
+    block = tl.program_id(0)
+    kv = tl.program_id(1)
+    tile = tl.arange(0, BLOCK_M * GROUP)  # tile row i: token i % BLOCK_M of the block, query head i // BLOCK_M
+    rows = block * BLOCK_M + tile % BLOCK_M
+    heads = kv * GROUP + tile // BLOCK_M
+    live = rows < length
+    segment_start = tl.load(segment_start_ptr + rows, mask=live, other=length)
+    head_start = tl.load(head_start_ptr + rows, mask=live, other=length)
+    head_end = tl.load(head_end_ptr + rows, mask=live, other=length)
+    is_doc = live & (rows >= head_end)  # head tokens see only their own segment (the head itself)
+    dims = tl.arange(0, D)
+    rows64 = rows.to(tl.int64)
+    q = tl.load(q_ptr + rows64[:, None] * stride_q + heads[:, None] * D + dims[None, :], mask=live[:, None], other=0.0)
+    m = tl.full([BLOCK_M * GROUP], -1.0e30, tl.float32)  # finite: a row with no key yet keeps exp2(m - m_new) = 1
+    denom = tl.zeros([BLOCK_M * GROUP], tl.float32)
+    acc = tl.zeros([BLOCK_M * GROUP, D], tl.float32)
+    # 1. the own segment, causally: keys from the earliest segment start among the block's rows to its last row
+    own_lo = tl.min(segment_start, 0)
+    own_hi = tl.minimum(block * BLOCK_M + BLOCK_M, length)
+    for start in range(own_lo, own_hi, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        keys64 = keys.to(tl.int64)
+        in_range = keys < own_hi
+        kt = tl.load(k_ptr + keys64[:, None] * stride_k + kv * D + dims[None, :], mask=in_range[:, None], other=0.0)
+        vt = tl.load(v_ptr + keys64[:, None] * stride_v + kv * D + dims[None, :], mask=in_range[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION) * qk_scale
+        visible = (keys[None, :] >= segment_start[:, None]) & (keys[None, :] <= rows[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        alpha = tl.math.exp2(m - m_new)
+        p = tl.math.exp2(scores - m_new[:, None])
+        denom = denom * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
+        m = m_new
+    # 2. document rows over their group's head, one group (job) at a time: a block straddling two jobs must not walk
+    # the keys between their heads
+    group_lo = tl.min(tl.where(is_doc, head_start, length), 0)
+    while group_lo < length:
+        group_hi = tl.max(tl.where(is_doc & (head_start == group_lo), head_end, 0), 0)
+        for start in range(group_lo, group_hi, BLOCK_N):
+            keys = start + tl.arange(0, BLOCK_N)
+            keys64 = keys.to(tl.int64)
+            in_range = keys < group_hi
+            k_at = k_ptr + keys64[:, None] * stride_k + kv * D + dims[None, :]
+            kt = tl.load(k_at, mask=in_range[:, None], other=0.0)
+            vt = tl.load(v_ptr + keys64[:, None] * stride_v + kv * D + dims[None, :], mask=in_range[:, None], other=0.0)
+            scores = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION) * qk_scale
+            visible = is_doc[:, None] & (keys[None, :] >= head_start[:, None]) & (keys[None, :] < head_end[:, None])
+            scores = tl.where(visible, scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, 1))
+            alpha = tl.math.exp2(m - m_new)
+            p = tl.math.exp2(scores - m_new[:, None])
+            denom = denom * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
+            m = m_new
+        group_lo = tl.min(tl.where(is_doc & (head_start > group_lo), head_start, length), 0)
+    out = acc / tl.maximum(denom, 1.0e-30)[:, None]  # every live row sees at least itself: denom >= 1
+    out_at = out_ptr + rows64[:, None] * stride_o + heads[:, None] * D + dims[None, :]
+    tl.store(out_at, out.to(out_ptr.dtype.element_ty), mask=live[:, None])
+
+
+def pack_attention(
+    q: Tensor,  # [L, H, D]
+    k: Tensor,  # [L, KV, D], any token stride
+    v: Tensor,
+    head_start: Tensor,  # [L] int
+    head_end: Tensor,
+    segment_start: Tensor,
+    scale: float,
+    *,
+    block_n: int = 32,  # H100, bf16, 32k-token packs: 318 us vs 384 (64) and 329 (16) per layer
+) -> Tensor:
+    """Attention of a whole pack in one kernel: each token causally over its own segment and, for document tokens,
+    over their group's head [head_start, head_end). Needs only these per-token ranges on the device (no host-side
+    lengths or segment counts), so a pack of a given length is one fixed launch that a CUDA graph can hold.
+    A padding tail laid out as one segment with an empty head attends to itself and is never read."""
+    length, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    if heads % kv_heads or group & (group - 1) or group > PACK_TILE_ROWS // 16:
+        raise ValueError(f"pack_attention wants a power-of-two query group <= 8, not {heads}/{kv_heads}")
+    for t in (q, k, v):
+        if t.stride(2) != 1 or t.stride(1) != head_dim:
+            raise ValueError("pack_attention wants [L, heads, D] tensors with contiguous heads")
+    for t in (head_start, head_end, segment_start):
+        if t.stride(0) != 1 or t.shape[0] != length:
+            raise ValueError("pack_attention wants contiguous [L] ranges")
+    out = torch.empty_like(q)
+    block_m = PACK_TILE_ROWS // group
+    # BLOCK_N fixed per call (not tuned): it sets where the online softmax is cut, so it must not vary by machine
+    _pack_attention_kernel[(triton.cdiv(length, block_m), kv_heads)](
+        q, k, v, out, head_start, head_end, segment_start, length,
+        q.stride(0), k.stride(0), v.stride(0), out.stride(0), scale * 1.4426950408889634,
+        H=heads, KV=kv_heads, D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (tf32 drops 13 bits)
+    )  # fmt: skip
+    return out
