@@ -47,12 +47,16 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--stream", type=int, default=30, help="jobs of random sizes scored after warm-up")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--attention", default="auto")
+    ap.add_argument("--cuda-graphs", choices=["on", "off"], default="on")
     ap.add_argument("--compare", action="store_true")
     a = ap.parse_args()
     if not (a.model_dir / "config.json").exists():
         build_random_reranker(a.model_dir, size="full", seed=0)
     started = time.perf_counter()
-    engine = RerankEngine.load(str(a.model_dir), device="cuda", dtype=a.dtype)
+    engine = RerankEngine.load(
+        str(a.model_dir), device="cuda", dtype=a.dtype, attention=a.attention, cuda_graphs=a.cuda_graphs == "on"
+    )
     load_s = time.perf_counter() - started
     warm_s = engine.warm_up()
     graphs_warm = compiled_graphs()

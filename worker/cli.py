@@ -51,6 +51,7 @@ def build_engine(settings: Settings) -> RerankEngine:
             attention=settings.attention,
             forward=settings.forward,
             compile=settings.compile,
+            cuda_graphs=settings.cuda_graphs,
             max_batch_tokens=settings.max_batch_tokens,
             max_doc_tokens=settings.max_doc_tokens,
             max_query_tokens=settings.max_query_tokens,

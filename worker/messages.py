@@ -127,7 +127,9 @@ class RerankMeta(_Wire):
     model: str = Field(description="Model name or path.")
     device: str = Field(description="Device the model ran on, for example `cuda:0` or `cpu`.")
     dtype: str = Field(description="Model dtype, for example `bfloat16`.")
-    attention: str = Field(description="Attention backend: `flex_attention`, `sdpa` or `eager`.")
+    attention: str = Field(
+        description="Attention backend: `triton`, `flash_varlen`, `flex_attention`, `sdpa` or `eager`."
+    )
 
 
 class ReplayInfo(_Wire):

@@ -38,11 +38,14 @@ class Settings(BaseSettings):
         description="Model weights and activations: `auto` is bfloat16 on CUDA and float32 on CPU. "
         "The final yes/no projection always runs in float32.",
     )
-    attention: Literal["auto", "flash_varlen", "flex_attention", "sdpa", "eager"] = Field(
+    attention: Literal["auto", "triton", "flash_varlen", "flex_attention", "sdpa", "eager"] = Field(
         "auto",
-        description="Attention kernel: `auto` is FlashAttention varlen (per-segment calls, no mask) on CUDA in "
-        "bfloat16/float16, FlexAttention (block mask from segment ids) on CUDA in float32, SDPA with a dense mask "
-        "on CPU. `eager` runs the model's own decoder.",
+        description="Attention kernel: `auto` is `triton` on CUDA in bfloat16/float16 (one Triton kernel per layer "
+        "for the whole pack: each token over its own segment causally and its job's head; no host-side lengths, "
+        "so the forward runs as CUDA graphs), `flex_attention` (block mask from segment ids) on CUDA in float32, "
+        "SDPA with a dense mask on CPU. `flash_varlen`: FlashAttention per segment plus a Triton kernel merging in "
+        "each document's view of its head (CUDA, bfloat16/float16; no graphs). `eager` runs the model's own "
+        "decoder.",
     )
     forward: Literal["auto", "packed", "transformers"] = Field(
         "auto",
@@ -53,6 +56,12 @@ class Settings(BaseSettings):
         "auto",
         description="torch.compile the packed forward's layer steps (dynamic pack length: compiled once at "
         "warm-up). `auto`: on for CUDA, off for CPU.",
+    )
+    cuda_graphs: bool = Field(
+        True,
+        description="With `triton` attention, capture the forward as one CUDA graph per pack-length bucket at "
+        "warm-up (packs are padded to the next bucket; one launch per pack, so the host is free while the GPU "
+        "works). `false` launches kernel by kernel. Other attention kernels always launch kernel by kernel.",
     )
     max_doc_tokens: PositiveInt = Field(512, description="Each document is cut to this many tokens.")
     max_query_tokens: PositiveInt = Field(

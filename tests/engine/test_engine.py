@@ -8,12 +8,16 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bench.workloads import make_job
 from tests.reference import official_ids, official_score, official_score_ids
 from tests.strategies import document_lists, nonblank_text
 from worker.engine import RerankEngine, ScoreRequest
+from worker.engine.backend import resolve_attention
+from worker.engine.qwen3 import graph_buckets
 
 TOLERANCE = 1e-4  # float32 on CPU, against the independent per-pair reference
 # Packing a job with others changes the length of the matmuls it rides in, so rounding differs: measured up to
@@ -191,3 +195,69 @@ def test_every_forward_and_attention_gives_the_same_scores(
 def test_forward_packed_refuses_what_it_cannot_run(tiny_model_dir: Path) -> None:
     with pytest.raises(ValueError, match="eager attention"):
         RerankEngine.load(str(tiny_model_dir), device="cpu", attention="eager", forward="packed")
+
+
+def test_attention_auto_picks_the_pack_kernel_on_cuda_in_half_precision() -> None:
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_attention("auto", cuda, torch.bfloat16) == "triton"
+    assert resolve_attention("auto", cuda, torch.float16) == "triton"
+    assert resolve_attention("auto", cuda, torch.float32) == "flex_attention"
+    assert resolve_attention("auto", cpu, torch.float32) == "sdpa"
+    for attention in ("triton", "flash_varlen"):
+        with pytest.raises(ValueError, match=f"{attention} attention needs CUDA and bfloat16 or float16"):
+            resolve_attention(attention, cpu, torch.bfloat16)
+        with pytest.raises(ValueError, match="needs CUDA and bfloat16"):
+            resolve_attention(attention, cuda, torch.float32)
+
+
+def test_graph_buckets_cover_every_pack_length_up_to_the_budget() -> None:
+    buckets = graph_buckets(32768)
+    assert buckets == sorted(set(buckets))
+    assert (buckets[0], buckets[-1]) == (256, 32768)
+    assert max(np.diff([b for b in buckets if b >= 4096])) == 2048  # above 4k tokens, at most 2,047 padding tokens
+    assert graph_buckets(300) == [256, 300]
+
+
+if torch.cuda.is_available():  # the half-precision kernels and graphs exist only on CUDA
+
+    def largest_gap(these: list[Any], those: list[Any]) -> float:
+        """Largest score difference between two engines' results for the same requests."""
+        return max(float(np.abs(np.subtract(a.scores, b.scores)).max()) for a, b in zip(these, those, strict=True))
+
+    def _half_precision_requests() -> list[ScoreRequest]:
+        rng = np.random.default_rng(3)
+        return [make_job(rng, n, 30, 120) for n in (1, 17, 60, 5, 33)]  # packs of several lengths and jobs
+
+    def test_cuda_graph_replay_scores_like_the_kernel_by_kernel_forward(tiny_model_dir: Path) -> None:
+        """Graphs run the same kernels on a pack padded to its bucket: the padding must not change a score beyond
+        what bf16 matmuls of another row count round differently (checked against the fp32 truth's distance)."""
+        requests = _half_precision_requests()
+        truth = RerankEngine.load(str(tiny_model_dir), device="cuda", dtype="float32", max_batch_tokens=4096)
+        engine = RerankEngine.load(str(tiny_model_dir), device="cuda", dtype="bfloat16", max_batch_tokens=4096)
+        assert engine.info.attention == "triton"
+        before = engine.score(requests)
+        engine.warm_up()
+        assert engine.info.cuda_graphs == len(graph_buckets(4096))
+        after = engine.score(requests)
+        exact = truth.score(requests)
+        graph_gap = largest_gap(after, before)
+        bf16_gap = largest_gap(before, exact)
+        print(f"graph vs kernel-by-kernel {graph_gap:.2e}, bf16 vs fp32 {bf16_gap:.2e}")
+        assert graph_gap <= bf16_gap + 1e-3
+
+    @pytest.mark.parametrize("attention", ["triton", "flash_varlen"])
+    def test_half_precision_attention_kernels_stay_near_fp32(tiny_model_dir: Path, attention: str) -> None:
+        """bf16 through either CUDA attention kernel lands as near the fp32 scores as the model's own decoder in
+        bf16 does (within twice its distance): the kernels add no error of their own beyond bf16 rounding."""
+        requests = _half_precision_requests()
+        exact = RerankEngine.load(str(tiny_model_dir), device="cuda", dtype="float32").score(requests)
+        hf = RerankEngine.load(
+            str(tiny_model_dir), device="cuda", dtype="bfloat16", attention="sdpa", forward="transformers"
+        ).score(requests)
+        ours = RerankEngine.load(str(tiny_model_dir), device="cuda", dtype="bfloat16", attention=attention)
+        ours.warm_up()
+        got = ours.score(requests)
+        hf_gap = largest_gap(hf, exact)
+        our_gap = largest_gap(got, exact)
+        print(f"{attention}: {our_gap:.2e} from fp32, transformers bf16 {hf_gap:.2e}")
+        assert our_gap <= 2 * hf_gap + 1e-3

@@ -18,7 +18,7 @@ from torch import Tensor
 from worker.engine.masks import dense_mask, packed_rerank_mask
 from worker.engine.plan import PackArrays
 
-AttentionBackend = Literal["flash_varlen", "flex_attention", "sdpa", "eager"]
+AttentionBackend = Literal["triton", "flash_varlen", "flex_attention", "sdpa", "eager"]
 # FlexAttention works on 128x128 blocks: padding to a multiple of the block keeps every block whole.
 FLEX_BLOCK = 128
 
@@ -30,6 +30,7 @@ class BackendInfo:
     attention: AttentionBackend
     forward: str = "transformers"  # "packed-qwen3": worker.engine.qwen3; "transformers": the model's own decoder
     compiled: bool = False
+    cuda_graphs: int = 0  # pack-length buckets captured as CUDA graphs
 
 
 class PackScorer(Protocol):
@@ -37,11 +38,16 @@ class PackScorer(Protocol):
 
     device: torch.device
     pad_to_multiple: int
+    model: Any  # the model `from_pretrained` loaded (weights, config)
 
     @property
     def info(self) -> BackendInfo: ...
 
     def score_pack(self, arrays: PackArrays) -> npt.NDArray[np.float32]: ...
+
+    def capture_graphs(self, max_tokens: int) -> int:
+        """Capture CUDA graphs for packs up to `max_tokens` where the backend can; returns how many (0: none)."""
+        ...
 
 
 def load_scorer(
@@ -52,6 +58,7 @@ def load_scorer(
     attention: str,
     forward: str = "auto",
     compile: str = "auto",
+    cuda_graphs: bool = True,
     yes_id: int,
     no_id: int,
 ) -> PackScorer:
@@ -70,7 +77,7 @@ def load_scorer(
     torch_dtype = resolve_dtype(dtype, torch_device)
     attn = resolve_attention(attention, torch_device, torch_dtype)
     # the model's own attention serves only the transformers path, which has no varlen layout: Flex there
-    hf_attn: AttentionBackend = "flex_attention" if attn == "flash_varlen" else attn
+    hf_attn: AttentionBackend = "flex_attention" if attn in ("flash_varlen", "triton") else attn
     model: Any = AutoModelForCausalLM.from_pretrained(
         model_name_or_path, dtype=torch_dtype, attn_implementation=hf_attn
     )
@@ -84,7 +91,14 @@ def load_scorer(
         return TorchScorer(model, yes_id=yes_id, no_id=no_id, attention=hf_attn)
     # torch.compile on CUDA only: on CPU the forward is for tests and small loads, where compiling costs more
     compiled = compile == "on" or (compile == "auto" and torch_device.type == "cuda")
-    return Qwen3PackedScorer(model, yes_id=yes_id, no_id=no_id, attention=attn, compile=compiled)  # type: ignore[arg-type]
+    return Qwen3PackedScorer(
+        model,
+        yes_id=yes_id,
+        no_id=no_id,
+        attention=attn,  # type: ignore[arg-type]
+        compile=compiled,
+        cuda_graphs=cuda_graphs,
+    )
 
 
 def yes_minus_no_vector(model: Any, yes_id: int, no_id: int) -> Tensor:
@@ -120,16 +134,17 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_attention(attention: str, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
-    """`auto`: FlashAttention varlen on CUDA in bf16/fp16 (its kernels take no fp32), FlexAttention on CUDA in
-    fp32, SDPA with a dense mask on CPU."""
+    """`auto`: on CUDA in bf16/fp16 the worker's Triton pack attention (one kernel per layer, no host-side lengths:
+    the forward is captured as CUDA graphs), on CUDA in fp32 FlexAttention, on CPU SDPA with a dense mask.
+    `flash_varlen` (FlashAttention per segment plus the head-merge kernel) stays selectable on CUDA in bf16/fp16."""
     if attention == "auto":
         if device.type != "cuda":
             return "sdpa"
-        return "flash_varlen" if dtype in (torch.bfloat16, torch.float16) else "flex_attention"
-    if attention not in ("flash_varlen", "flex_attention", "sdpa", "eager"):
+        return "triton" if dtype in (torch.bfloat16, torch.float16) else "flex_attention"
+    if attention not in ("triton", "flash_varlen", "flex_attention", "sdpa", "eager"):
         raise ValueError(f"unknown attention backend {attention!r}")
-    if attention == "flash_varlen" and (device.type != "cuda" or dtype == torch.float32):
-        raise ValueError("flash_varlen attention needs CUDA and bfloat16 or float16")
+    if attention in ("triton", "flash_varlen") and (device.type != "cuda" or dtype == torch.float32):
+        raise ValueError(f"{attention} attention needs CUDA and bfloat16 or float16")
     return attention  # type: ignore[return-value]
 
 
@@ -163,6 +178,9 @@ class TorchScorer:
         return torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(
             ~allowed, torch.finfo(self.dtype).min
         )
+
+    def capture_graphs(self, max_tokens: int) -> int:
+        return 0  # the Hugging Face decoder builds its mask on the host per call: nothing fixed to capture
 
     @torch.inference_mode()
     def score_pack(self, arrays: PackArrays) -> npt.NDArray[np.float32]:

@@ -61,6 +61,7 @@ class EngineInfo:
     max_batch_tokens: int
     max_doc_tokens: int
     max_query_tokens: int
+    cuda_graphs: int = 0  # pack-length buckets replayed as CUDA graphs (captured by warm_up)
 
 
 class RerankEngine:
@@ -90,6 +91,7 @@ class RerankEngine:
         attention: str = "auto",
         forward: str = "auto",
         compile: str = "auto",
+        cuda_graphs: bool = True,
         max_batch_tokens: int | None = None,
         max_doc_tokens: int = 512,
         max_query_tokens: int = 512,
@@ -111,6 +113,7 @@ class RerankEngine:
             attention=attention,
             forward=forward,
             compile=compile,
+            cuda_graphs=cuda_graphs,
             yes_id=tokenizer.yes_id,
             no_id=tokenizer.no_id,
         )
@@ -151,11 +154,13 @@ class RerankEngine:
             max_batch_tokens=self.max_batch_tokens,
             max_doc_tokens=self.tokenizer.max_doc_tokens,
             max_query_tokens=self.tokenizer.max_query_tokens,
+            cuda_graphs=backend.cuda_graphs,
         )
 
     def warm_up(self) -> float:
         """Run synthetic packs of three lengths (the whole budget; a few jobs; one document) so that compilation
-        and the allocator's first growth happen before the first job; returns the seconds it took.
+        and the allocator's first growth happen before the first job, then capture CUDA graphs where the backend
+        can; returns the seconds it took.
 
         The compiled forward treats the pack length as dynamic: the first pack compiles, the second length
         compiles the dynamic graph, later lengths reuse it (checked by bench/warmup.py on the GPU).
@@ -171,6 +176,8 @@ class RerankEngine:
         for jobs_docs in ([fill_docs], [3, 5, 2], [1]):
             jobs = [PreparedJob(head, [filler] * n, np.arange(n, dtype=np.int64), False, 0) for n in jobs_docs]
             self.run_packs(jobs, self.plan_packs(jobs))
+        # then, with every kernel compiled and tuned, one CUDA graph per pack-length bucket where the backend can
+        self.scorer.capture_graphs(self.max_batch_tokens)
         return time.perf_counter() - started
 
     # -- steps -------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from worker.engine.plan import PackArrays
 if TYPE_CHECKING:
     from worker.engine.backend import BackendInfo
 
-PackedAttention = Literal["flash_varlen", "flex_attention", "sdpa"]
+PackedAttention = Literal["triton", "flash_varlen", "flex_attention", "sdpa"]
 FLEX_BLOCK = 128
 # Document-end rows are padded to a multiple of this (repeating the last end) so their count never hits the
 # compiler's 0/1 specializations or changes a graph's shape class.
@@ -142,6 +142,15 @@ class VarlenLayout:
         return cls(offsets, int(np.diff(segs).max()), head_start, head_end)
 
 
+@dataclass(frozen=True)
+class PackRanges:
+    """A pack for `kernels.pack_attention`: per-token ranges on the device, nothing on the host."""
+
+    head_start: Tensor  # [L]
+    head_end: Tensor
+    segment_start: Tensor
+
+
 def flash_varlen(
     q: Tensor,
     k: Tensor,
@@ -228,6 +237,7 @@ class Qwen3PackedScorer:
         no_id: int,
         attention: PackedAttention,
         compile: bool,
+        cuda_graphs: bool = True,
     ) -> None:
         reason = unsupported_reason(model.config)
         if reason is not None:
@@ -250,6 +260,8 @@ class Qwen3PackedScorer:
         self.dtype = self.embed.dtype
         self.attention = attention
         self.compiled = compile
+        self.use_cuda_graphs = cuda_graphs
+        self.graphs: PackGraphs | None = None  # captured by capture_graphs (the engine's warm-up)
         self.pad_to_multiple = FLEX_BLOCK if attention == "flex_attention" else 1
         # Triton kernels wherever CUDA is (they need no compiler step of torch's, only Triton)
         self.triton_kernels = self.device.type == "cuda"
@@ -274,13 +286,19 @@ class Qwen3PackedScorer:
         from worker.engine.backend import BackendInfo
 
         dtype = str(self.dtype).removeprefix("torch.")
-        return BackendInfo(str(self.device), dtype, self.attention, "packed-qwen3", self.compiled)
+        graphs = len(self.graphs.buckets) if self.graphs is not None else 0
+        return BackendInfo(str(self.device), dtype, self.attention, "packed-qwen3", self.compiled, graphs)
 
     # -- one pack ----------------------------------------------------------------------------------------------
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Any) -> Tensor:
         """Attention of a pack: q [L, heads, D], k and v [L, kv_heads, D] -> [L, heads, D]."""
         scale = self.head_dim**-0.5
+        if self.attention == "triton":
+            from worker.engine.kernels import pack_attention
+
+            r: PackRanges = mask
+            return pack_attention(q, k, v, r.head_start, r.head_end, r.segment_start, scale)
         if self.attention == "flash_varlen":
             from worker.engine.kernels import head_attention_merge
 
@@ -305,6 +323,8 @@ class Qwen3PackedScorer:
         return out.squeeze(0).transpose(0, 1)
 
     def _mask(self, arrays: PackArrays, head_start: Tensor, head_end: Tensor, segment_start: Tensor) -> Any:
+        if self.attention == "triton":
+            return PackRanges(head_start, head_end, segment_start)
         if self.attention == "flash_varlen":
             return VarlenLayout.of(arrays, head_start, head_end)
         mask_mod = interval_mask(head_start, head_end, segment_start)
@@ -334,6 +354,12 @@ class Qwen3PackedScorer:
     @torch.inference_mode()
     def forward_pack(self, input_ids: Tensor, position_ids: Tensor, ends: Tensor, mask: Any) -> Tensor:
         """fp32 yes-minus-no logit at each `ends` row: [len(ends)]; `mask` comes from `_mask`."""
+        x, attended = self.forward_body(input_ids, position_ids, mask)
+        return self.forward_tail(x, attended, ends)
+
+    def forward_body(self, input_ids: Tensor, position_ids: Tensor, mask: Any) -> tuple[Tensor, Tensor]:
+        """Every layer up to and including the last layer's attention, over all rows: the residual stream entering
+        the last layer and that layer's attention output. The part a CUDA graph captures (fixed length)."""
         x = F.embedding(input_ids, self.embed)  # [L, hidden]
         cos, sin = self.rotary(x.unsqueeze(0), position_ids.unsqueeze(0))  # [1, L, head_dim] each
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [L, 1, head_dim]
@@ -353,21 +379,35 @@ class Qwen3PackedScorer:
                 )
             attended = self._attend(q, k, v, mask)
             self._dynamic(attended)
-            if i == last:  # only the document-end rows are read from here on
-                x, attended = x[ends], attended[ends]
-                self._dynamic(x)
+            if i == last:
+                return x, attended
             x = self._mlp_block(x, attended, w.o, w.post_norm, w.gate_up, w.down, self.eps)
+        raise ValueError("a model with no layers")
+
+    def forward_tail(self, x: Tensor, attended: Tensor, ends: Tensor) -> Tensor:
+        """The last layer's o_proj and MLP, final norm and yes-minus-no, on the document-end rows only."""
+        x, attended = x[ends], attended[ends]
+        self._dynamic(x, attended)
+        w = self.layers[-1]
+        x = self._mlp_block(x, attended, w.o, w.post_norm, w.gate_up, w.down, self.eps)
         hidden = rms_norm(x, self.final_norm, self.eps)
         logits: Tensor = hidden.float() @ self.yes_minus_no
         return logits
 
+    def _padded_ends(self, arrays: PackArrays) -> npt.NDArray[np.int64]:
+        num_docs = len(arrays.doc_ends)
+        if not self.compiled:
+            return arrays.doc_ends
+        padded = -(-num_docs // ROWS_MULTIPLE) * ROWS_MULTIPLE
+        return np.pad(arrays.doc_ends, (0, padded - num_docs), mode="edge")
+
     def score_pack(self, arrays: PackArrays) -> npt.NDArray[np.float32]:
         """P(yes) for each document of the pack, in pack order: float32 [num_docs]."""
         num_docs = len(arrays.doc_ends)
-        ends = arrays.doc_ends
-        if self.compiled:
-            padded = -(-num_docs // ROWS_MULTIPLE) * ROWS_MULTIPLE
-            ends = np.pad(ends, (0, padded - num_docs), mode="edge")
+        if self.graphs is not None and self.graphs.fits(arrays.num_tokens):
+            with torch.inference_mode():
+                logits = self.graphs.run(arrays, self._padded_ends(arrays))
+            return torch.sigmoid(logits[:num_docs]).cpu().numpy()
         host = np.stack(
             [arrays.input_ids, arrays.position_ids, arrays.head_start, arrays.head_end, arrays.segment_start]
         )
@@ -375,5 +415,83 @@ class Qwen3PackedScorer:
         input_ids, position_ids, head_start, head_end, segment_start = on_device.unbind(0)
         with torch.inference_mode():
             mask = self._mask(arrays, head_start, head_end, segment_start)
-            logits = self.forward_pack(input_ids, position_ids, torch.from_numpy(ends).to(self.device), mask)
+            ends = torch.from_numpy(self._padded_ends(arrays)).to(self.device)
+            logits = self.forward_pack(input_ids, position_ids, ends, mask)
         return torch.sigmoid(logits[:num_docs]).cpu().numpy()
+
+    def capture_graphs(self, max_tokens: int) -> int:
+        """Capture one CUDA graph of `forward_body` per pack-length bucket up to `max_tokens` (after a warm-up
+        that compiled and tuned the kernels). Only the Triton attention runs without host-side lengths, so only it
+        is captured; returns the number of graphs (0 where they do not apply)."""
+        if not (self.use_cuda_graphs and self.attention == "triton" and self.device.type == "cuda"):
+            return 0
+        self.graphs = PackGraphs(self, graph_buckets(max_tokens))
+        return len(self.graphs.buckets)
+
+
+def graph_buckets(max_tokens: int) -> list[int]:
+    """Pack lengths a graph is captured for: fine steps for small packs (a few short jobs), 2,048-token steps
+    above (at most ~6% padding there), the budget itself last."""
+    small = [b for b in (256, 512, 1024, 2048) if b < max_tokens]
+    large = list(range(4096, max_tokens, 2048))
+    return [*small, *large, max_tokens]
+
+
+class PackGraphs:
+    """CUDA graphs of `forward_body`, one per length bucket, sharing one memory pool (they never run at once, and
+    each one's outputs are consumed before the next replay). A pack is padded to its bucket: padding tokens form
+    their own segment with an empty head, so real rows never see them. Replaying costs one launch instead of a
+    few hundred, so the host is free while the GPU works."""
+
+    def __init__(self, scorer: Qwen3PackedScorer, buckets: list[int]) -> None:
+        self.scorer = scorer
+        self.buckets = buckets
+        self.pool = torch.cuda.graph_pool_handle()
+        self.inputs: dict[int, Tensor] = {}  # bucket -> [5, L] int64 on the device (ids, positions, 3 ranges)
+        self.staging: dict[int, Tensor] = {}  # bucket -> the same in pinned host memory
+        self.outputs: dict[int, tuple[Tensor, Tensor]] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        for bucket in buckets:
+            self._capture(bucket)
+
+    def fits(self, num_tokens: int) -> bool:
+        return num_tokens <= self.buckets[-1]
+
+    def _body(self, bucket: int) -> tuple[Tensor, Tensor]:
+        ids, positions, head_start, head_end, segment_start = self.inputs[bucket].unbind(0)
+        return self.scorer.forward_body(ids, positions, PackRanges(head_start, head_end, segment_start))
+
+    @torch.inference_mode()
+    def _capture(self, bucket: int) -> None:
+        device = self.scorer.device
+        rows = torch.arange(bucket, device=device)
+        # a cheap valid pack to record with: every token its own one-token segment, no head
+        self.inputs[bucket] = torch.stack([torch.zeros_like(rows), torch.zeros_like(rows), rows, rows, rows])
+        self.staging[bucket] = torch.empty((5, bucket), dtype=torch.int64).pin_memory()
+        side = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            self._body(bucket)  # compiled graphs and allocator settle outside the capture
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.outputs[bucket] = self._body(bucket)
+        self.graphs[bucket] = graph
+
+    def run(self, arrays: PackArrays, ends: npt.NDArray[np.int64]) -> Tensor:
+        n = arrays.num_tokens
+        bucket = next(b for b in self.buckets if b >= n)
+        staging = self.staging[bucket].numpy()
+        for row, values in enumerate(
+            (arrays.input_ids, arrays.position_ids, arrays.head_start, arrays.head_end, arrays.segment_start)
+        ):
+            staging[row, :n] = values[:n]
+        staging[:2, n:] = 0
+        staging[2:, n:] = n  # padding: one segment from n on, with an empty head (plan.build_pack_arrays' rule)
+        # The staging buffer is reused: wait for the previous copy out of it before overwriting (replays are
+        # serialized by the caller's .cpu() of the scores, so by now it is done).
+        self.inputs[bucket].copy_(self.staging[bucket], non_blocking=True)
+        self.graphs[bucket].replay()
+        x, attended = self.outputs[bucket]
+        ends_t = torch.from_numpy(ends).to(self.scorer.device, non_blocking=True)
+        return self.scorer.forward_tail(x, attended, ends_t)
