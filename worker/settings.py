@@ -244,11 +244,16 @@ def env_name(field_name: str) -> str:
     return alias if isinstance(alias, str) else ENV_PREFIX + field_name.upper()
 
 
+def default_text(default: object) -> str:
+    """A default as one writes it in the environment (`true`, not Python's `True`)."""
+    return str(default).lower() if isinstance(default, bool) else str(default)
+
+
 def settings_table() -> str:
     """A Markdown table of every setting: the README embeds it."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
-        default = "" if field.default is None else f"`{field.default}`"
+        default = "" if field.default is None else f"`{default_text(field.default)}`"
         rows.append(f"| `{env_name(name)}` | {default} | {field.description} |")
     return "\n".join(rows)
 

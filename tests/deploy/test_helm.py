@@ -19,7 +19,7 @@ import pytest
 
 from tests.deploy.conftest import ALL_ON_VALUES, CHART, Helm, load_yaml, render, template_args
 from worker.kafka.config import consumer_kwargs
-from worker.settings import ENV_PREFIX, Settings, env_name
+from worker.settings import ENV_PREFIX, Settings, default_text, env_name
 
 SETTING_NAMES = {env_name(name) for name in Settings.model_fields}
 # Settings the chart takes from a Secret, never from values.
@@ -312,7 +312,7 @@ def test_values_name_every_setting_with_the_workers_defaults(chart_values: Any) 
         if variable in SECRET_SETTINGS:
             continue
         assert isinstance(env[variable], str), f"{variable}: quote it (values are strings)"
-        expected = CHART_OVERRIDES.get(variable, "" if field.default is None else str(field.default))
+        expected = CHART_OVERRIDES.get(variable, "" if field.default is None else default_text(field.default))
         assert env[variable] == expected, f"{variable}: values.yaml {env[variable]!r}, expected {expected!r}"
 
 
