@@ -232,6 +232,19 @@ def head_attention_merge(
 PACK_TILE_ROWS = 128
 
 
+@triton.jit
+def _attend_block(q, kt, vt, visible, m, denom, acc, qk_scale, DOT_PRECISION: tl.constexpr):
+    """One key block of an online softmax in base 2: the running max `m`, denominator and output sum, updated."""
+    scores = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION) * qk_scale
+    scores = tl.where(visible, scores, float("-inf"))
+    m_new = tl.maximum(m, tl.max(scores, 1))
+    alpha = tl.math.exp2(m - m_new)
+    p = tl.math.exp2(scores - m_new[:, None])
+    denom = denom * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
+    return m_new, denom, acc
+
+
 @triton.autotune(
     configs=_configs([triton.Config({}, num_warps=w, num_stages=s) for w in (8, 4) for s in (2, 3, 1)]),
     key=["H", "KV", "D", "BLOCK_N", "DOT_PRECISION"],  # not the length: a new pack length must not tune again
@@ -284,15 +297,8 @@ def _pack_attention_kernel(
         in_range = keys < own_hi
         kt = tl.load(k_ptr + keys64[:, None] * stride_k + kv * D + dims[None, :], mask=in_range[:, None], other=0.0)
         vt = tl.load(v_ptr + keys64[:, None] * stride_v + kv * D + dims[None, :], mask=in_range[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION) * qk_scale
         visible = (keys[None, :] >= segment_start[:, None]) & (keys[None, :] <= rows[:, None])
-        scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, 1))
-        alpha = tl.math.exp2(m - m_new)
-        p = tl.math.exp2(scores - m_new[:, None])
-        denom = denom * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
-        m = m_new
+        m, denom, acc = _attend_block(q, kt, vt, visible, m, denom, acc, qk_scale, DOT_PRECISION)
     # 2. document rows over their group's head, one group (job) at a time: a block straddling two jobs must not walk
     # the keys between their heads
     group_lo = tl.min(tl.where(is_doc, head_start, length), 0)
@@ -305,15 +311,8 @@ def _pack_attention_kernel(
             k_at = k_ptr + keys64[:, None] * stride_k + kv * D + dims[None, :]
             kt = tl.load(k_at, mask=in_range[:, None], other=0.0)
             vt = tl.load(v_ptr + keys64[:, None] * stride_v + kv * D + dims[None, :], mask=in_range[:, None], other=0.0)
-            scores = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION) * qk_scale
             visible = is_doc[:, None] & (keys[None, :] >= head_start[:, None]) & (keys[None, :] < head_end[:, None])
-            scores = tl.where(visible, scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, 1))
-            alpha = tl.math.exp2(m - m_new)
-            p = tl.math.exp2(scores - m_new[:, None])
-            denom = denom * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
-            m = m_new
+            m, denom, acc = _attend_block(q, kt, vt, visible, m, denom, acc, qk_scale, DOT_PRECISION)
         group_lo = tl.min(tl.where(is_doc & (head_start > group_lo), head_start, length), 0)
     out = acc / tl.maximum(denom, 1.0e-30)[:, None]  # every live row sees at least itself: denom >= 1
     out_at = out_ptr + rows64[:, None] * stride_o + heads[:, None] * D + dims[None, :]
