@@ -20,32 +20,51 @@ from worker.engine.qwen3 import rms_norm, rotate_half
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-def random_pack(length: int, seed: int, padding: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """head_start, head_end, segment_start of a pack of groups: a head (3..150 tokens: several key blocks), then
-    1..4 documents; the last `padding` rows laid out as a CUDA-graph bucket pads them (one segment, empty head)."""
-    rng = np.random.default_rng(seed)
+Groups = list[tuple[int, list[int]]]  # per job: head tokens, then its documents' tokens
+
+
+def pack_layout(groups: Groups, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """head_start, head_end, segment_start of a pack of these groups (cut at `length`); the rows after them are
+    padded the way a CUDA-graph bucket pads: each its own one-token segment with an empty head."""
     head_start, head_end, segment_start = (np.empty(length, dtype=np.int64) for _ in range(3))
-    real = length - padding
-    head_start[real:], head_end[real:], segment_start[real:] = real, real, real
     pos = 0
-    while pos < real:
-        group, end = pos, min(real, pos + int(rng.integers(3, 150)))
+    for head_tokens, docs in groups:
+        group, end = pos, min(length, pos + head_tokens)
         head_start[pos:end], head_end[pos:end], segment_start[pos:end] = group, end, group
         head, pos = end, end
-        for _ in range(int(rng.integers(1, 5))):
-            end = min(real, pos + int(rng.integers(1, 90)))
+        for doc_tokens in docs:
+            end = min(length, pos + doc_tokens)
             head_start[pos:end], head_end[pos:end], segment_start[pos:end] = group, head, pos
             pos = end
+    head_start[pos:], head_end[pos:], segment_start[pos:] = pos, pos, np.arange(pos, length)
     return tuple(torch.from_numpy(a) for a in (head_start, head_end, segment_start))  # type: ignore[return-value]
 
 
-def check_kernels(device: str, dtype_name: str) -> None:
+def random_groups(length: int, seed: int) -> Groups:
+    """Jobs of a head of 3..150 tokens (several key blocks) and 1..4 documents of 1..89 tokens, up to `length`."""
+    rng = np.random.default_rng(seed)
+    groups: Groups = []
+    while sum(h + sum(d) for h, d in groups) < length:
+        groups.append((int(rng.integers(3, 150)), [int(n) for n in rng.integers(1, 90, int(rng.integers(1, 5)))]))
+    return groups
+
+
+# Packs the kernels must get right: random ones, with a padding tail, and jobs so short that one block of rows
+# holds document rows of two jobs while a key block of the first job's head runs on into the second job's head
+# (the second job's rows must not count those keys in the first job's pass).
+PACKS: dict[str, tuple[Groups, int]] = {
+    **{f"random {seed}": (random_groups(663, seed), 700) for seed in (1, 5, 9)},
+    "two short jobs in one block": ([(10, [5]), (15, [30]), (40, [7, 3]), (12, [60, 9])] * 3, 700),
+}
+
+
+def check_kernels(device: str, dtype_name: str, heads: int = 4, kv_heads: int = 2) -> None:
     from worker.engine.kernels import head_attention_merge, pack_attention, qk_norm_rotary
 
     dtype = getattr(torch, dtype_name)
     tol = TOLERANCE[dtype]
     gen = torch.Generator().manual_seed(0)
-    length, heads, kv_heads, dim, eps = 700, 4, 2, 128, 1e-6
+    length, dim, eps = 700, 128, 1e-6
 
     def rand(*shape: int, low: float = -1.0) -> torch.Tensor:
         return (torch.rand(*shape, generator=gen) * (1 - low) + low).to(device=device, dtype=dtype)
@@ -72,51 +91,68 @@ def check_kernels(device: str, dtype_name: str) -> None:
         # fp32 compiles minutes of full-precision matmul code (one merge config alone: 52 s offline with Triton 3.6;
         # the GPU test did not finish in 200 s). The interpreter checks their fp32 arithmetic on CPU.
         return
-    head_start, head_end, segment_start = random_pack(length, seed=1, padding=37)
-    rows, keys = torch.arange(length)[:, None], torch.arange(length)[None, :]
-    own_mask = (keys >= segment_start[:, None]) & (keys <= rows)
-    full_mask = own_mask | ((keys >= head_start[:, None]) & (keys < head_end[:, None]) & (keys <= rows))
     scale = dim**-0.5
     group = heads // kv_heads
     scores = torch.einsum(
         "qhd,khd->hqk", q.double().cpu(), k.double().cpu().repeat_interleave(group, 1)
     ) * scale  # fmt: skip
     values = v.double().cpu().repeat_interleave(group, 1)
+    rows, keys = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    for name, (groups, pack_length) in PACKS.items():
+        head_start, head_end, segment_start = pack_layout(groups, pack_length)
+        own_mask = (keys >= segment_start[:, None]) & (keys <= rows)
+        full_mask = own_mask | ((keys >= head_start[:, None]) & (keys < head_end[:, None]) & (keys <= rows))
 
-    def attend(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        masked = scores.masked_fill(~mask, float("-inf"))
-        return torch.einsum("hqk,khd->qhd", masked.softmax(-1), values), masked.logsumexp(-1)
+        def attend(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            masked = scores.masked_fill(~mask, float("-inf"))
+            return torch.einsum("hqk,khd->qhd", masked.softmax(-1), values), masked.logsumexp(-1)
 
-    own, own_lse = attend(own_mask)
-    expected, _ = attend(full_mask)
-    out = own.to(device=device, dtype=dtype).contiguous()
-    own_before = out.clone()
-    merged = head_attention_merge(
-        q, k, v, out, own_lse.float().to(device), head_start.to(device), head_end.to(device), scale
-    )
-    assert merged.data_ptr() == out.data_ptr()  # in place
-    is_doc = torch.arange(length) >= head_end
-    assert is_doc.sum() > length // 2  # both kinds of rows are exercised
-    assert (~is_doc).sum() > 10
-    assert torch.equal(merged[~is_doc.to(device)], own_before[~is_doc.to(device)])  # head rows keep their own view
-    torch.testing.assert_close(merged.double().cpu(), expected, rtol=tol, atol=tol)
+        own, own_lse = attend(own_mask)
+        expected, _ = attend(full_mask)
+        out = own.to(device=device, dtype=dtype).contiguous()
+        own_before = out.clone()
+        merged = head_attention_merge(
+            q, k, v, out, own_lse.float().to(device), head_start.to(device), head_end.to(device), scale
+        )
+        assert merged.data_ptr() == out.data_ptr()  # in place
+        is_doc = torch.arange(length) >= head_end
+        assert is_doc.sum() > length // 2, name  # both kinds of rows are exercised
+        assert (~is_doc).sum() > 10, name
+        assert torch.equal(merged[~is_doc.to(device)], own_before[~is_doc.to(device)])  # head rows: their own view
+        torch.testing.assert_close(merged.double().cpu(), expected, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")  # noqa: B023
 
-    ranges = [t.to(device) for t in (head_start, head_end, segment_start)]
-    for block_n in (32, 64):
-        whole = pack_attention(q, k, v, *ranges, scale, block_n=block_n)
-        torch.testing.assert_close(whole.double().cpu(), expected, rtol=tol, atol=tol)
+        ranges = [t.to(device) for t in (head_start, head_end, segment_start)]
+        for block_n in (32, 64):
+            whole = pack_attention(q, k, v, *ranges, scale, block_n=block_n)
+            torch.testing.assert_close(
+                whole.double().cpu(),
+                expected,
+                rtol=tol,
+                atol=tol,
+                msg=lambda m: f"{name}, key block {block_n}: {m}",  # noqa: B023
+            )
 
 
 # numpy (under the interpreter) has no bfloat16
 DTYPES = ["bfloat16", "float16", "float32"] if torch.cuda.is_available() else ["float32", "float16"]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_kernels(dtype: str) -> None:
+def run_check(dtype: str, heads: int = 4, kv_heads: int = 2) -> None:
     if torch.cuda.is_available():
-        check_kernels("cuda", dtype)
+        check_kernels("cuda", dtype, heads, kv_heads)
         return
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    code = f"from tests.engine.test_kernels import check_kernels; check_kernels('cpu', {dtype!r})"
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    code = f"from tests.engine.test_kernels import check_kernels; check_kernels('cpu', {dtype!r}, {heads}, {kv_heads})"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernels(dtype: str) -> None:
+    run_check(dtype)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(2, 2), (8, 2), (8, 1)])
+def test_kernels_for_other_query_groupings(heads: int, kv_heads: int) -> None:
+    """Query heads per key/value head 1, 4 and 8 (Qwen3-Reranker-4B/8B have 4): other tile shapes of pack_attention."""
+    run_check("bfloat16" if torch.cuda.is_available() else "float32", heads, kv_heads)

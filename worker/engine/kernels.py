@@ -168,7 +168,8 @@ def _head_attention_merge_kernel(
     # two jobs must not walk the keys between their heads (the earlier job's documents, all masked out).
     group_lo = tl.min(tl.where(is_doc, head_start, length), 0)
     while group_lo < length:
-        group_hi = tl.max(tl.where(is_doc & (head_start == group_lo), head_end, 0), 0)
+        in_group = is_doc & (head_start == group_lo)  # these rows' head is exactly [group_lo, group_hi)
+        group_hi = tl.max(tl.where(in_group, head_end, 0), 0)
         for start in range(group_lo, group_hi, BLOCK_N):
             keys = start + tl.arange(0, BLOCK_N)
             keys64 = keys.to(tl.int64)
@@ -176,7 +177,9 @@ def _head_attention_merge_kernel(
             k_at = k_ptr + keys64[:, None] * stride_k + kv * D + dims[None, :]
             kt = tl.load(k_at, mask=in_range[:, None], other=0.0)
             scores = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION) * scale
-            visible = is_doc[:, None] & (keys[None, :] >= head_start[:, None]) & (keys[None, :] < head_end[:, None])
+            # Only this group's rows, and only keys inside its head: the last key block can run on into the next
+            # job's head (loaded as zeros), which that job's rows must not count here.
+            visible = in_group[:, None] & in_range[None, :]
             scores = tl.where(visible, scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, 1))
             alpha = tl.exp(m - m_new)
@@ -303,7 +306,8 @@ def _pack_attention_kernel(
     # the keys between their heads
     group_lo = tl.min(tl.where(is_doc, head_start, length), 0)
     while group_lo < length:
-        group_hi = tl.max(tl.where(is_doc & (head_start == group_lo), head_end, 0), 0)
+        in_group = is_doc & (head_start == group_lo)  # these rows' head is exactly [group_lo, group_hi)
+        group_hi = tl.max(tl.where(in_group, head_end, 0), 0)
         for start in range(group_lo, group_hi, BLOCK_N):
             keys = start + tl.arange(0, BLOCK_N)
             keys64 = keys.to(tl.int64)
@@ -311,12 +315,22 @@ def _pack_attention_kernel(
             k_at = k_ptr + keys64[:, None] * stride_k + kv * D + dims[None, :]
             kt = tl.load(k_at, mask=in_range[:, None], other=0.0)
             vt = tl.load(v_ptr + keys64[:, None] * stride_v + kv * D + dims[None, :], mask=in_range[:, None], other=0.0)
-            visible = is_doc[:, None] & (keys[None, :] >= head_start[:, None]) & (keys[None, :] < head_end[:, None])
+            # Only this group's rows, and only keys inside its head: the last key block can run on into the next
+            # job's head (loaded as zeros), which that job's rows must not count here.
+            visible = in_group[:, None] & in_range[None, :]
             m, denom, acc = _attend_block(q, kt, vt, visible, m, denom, acc, qk_scale, DOT_PRECISION)
         group_lo = tl.min(tl.where(is_doc & (head_start > group_lo), head_start, length), 0)
     out = acc / tl.maximum(denom, 1.0e-30)[:, None]  # every live row sees at least itself: denom >= 1
     out_at = out_ptr + rows64[:, None] * stride_o + heads[:, None] * D + dims[None, :]
     tl.store(out_at, out.to(out_ptr.dtype.element_ty), mask=live[:, None])
+
+
+def pack_attention_unsupported(heads: int, kv_heads: int) -> str | None:
+    """Why `pack_attention` cannot run this head layout (None if it can): a tile is 128 rows of whole query groups."""
+    group = heads // kv_heads
+    if heads % kv_heads or group & (group - 1) or group > PACK_TILE_ROWS // 16:
+        return f"{heads} query heads over {kv_heads} key/value heads (it needs a power-of-two group of at most 8)"
+    return None
 
 
 def pack_attention(
@@ -329,23 +343,28 @@ def pack_attention(
     scale: float,
     *,
     block_n: int = 32,  # H100, bf16, 32k-token packs: 318 us vs 384 (64) and 329 (16) per layer
+    out: Tensor | None = None,  # [L, H, D] contiguous, written in place of a new tensor
 ) -> Tensor:
     """Attention of a whole pack in one kernel: each token causally over its own segment and, for document tokens,
     over their group's head [head_start, head_end). Needs only these per-token ranges on the device (no host-side
     lengths or segment counts), so a pack of a given length is one fixed launch that a CUDA graph can hold.
-    A padding tail laid out as one segment with an empty head attends to itself and is never read."""
+    Padding tokens laid out as one-token segments with an empty head attend to themselves and are never read."""
     length, heads, head_dim = q.shape
     kv_heads = k.shape[1]
+    reason = pack_attention_unsupported(heads, kv_heads)
+    if reason is not None:
+        raise ValueError(f"pack_attention cannot run this model: {reason}")
     group = heads // kv_heads
-    if heads % kv_heads or group & (group - 1) or group > PACK_TILE_ROWS // 16:
-        raise ValueError(f"pack_attention wants a power-of-two query group <= 8, not {heads}/{kv_heads}")
     for t in (q, k, v):
         if t.stride(2) != 1 or t.stride(1) != head_dim:
             raise ValueError("pack_attention wants [L, heads, D] tensors with contiguous heads")
     for t in (head_start, head_end, segment_start):
         if t.stride(0) != 1 or t.shape[0] != length:
             raise ValueError("pack_attention wants contiguous [L] ranges")
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
+        raise ValueError("pack_attention's out must be a contiguous tensor shaped and typed like q")
     block_m = PACK_TILE_ROWS // group
     # BLOCK_N fixed per call (not tuned): it sets where the online softmax is cut, so it must not vary by machine
     _pack_attention_kernel[(triton.cdiv(length, block_m), kv_heads)](
