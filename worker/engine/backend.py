@@ -89,6 +89,15 @@ def load_scorer(
         raise ValueError(f"RERANK_FORWARD=packed cannot run this model: {reason}")
     if forward == "transformers" or reason is not None:
         return TorchScorer(model, yes_id=yes_id, no_id=no_id, attention=hf_attn)
+    if attn == "triton":
+        from worker.engine.kernels import pack_attention_unsupported
+
+        config = model.config
+        kernel_reason = pack_attention_unsupported(config.num_attention_heads, config.num_key_value_heads)
+        if kernel_reason is not None and attention != "auto":
+            raise ValueError(f"RERANK_ATTENTION=triton cannot run this model: {kernel_reason}")
+        if kernel_reason is not None:
+            attn = "flash_varlen"  # `auto` falls back to the kernel that takes any head grouping
     # torch.compile on CUDA only: on CPU the forward is for tests and small loads, where compiling costs more
     compiled = compile == "on" or (compile == "auto" and torch_device.type == "cuda")
     return Qwen3PackedScorer(

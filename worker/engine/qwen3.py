@@ -19,6 +19,7 @@ a dynamic dimension, so a stream of packs of any length compiles a bounded set o
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -291,14 +292,14 @@ class Qwen3PackedScorer:
 
     # -- one pack ----------------------------------------------------------------------------------------------
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Any) -> Tensor:
-        """Attention of a pack: q [L, heads, D], k and v [L, kv_heads, D] -> [L, heads, D]."""
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Any, out: Tensor | None = None) -> Tensor:
+        """Attention of a pack: q [L, heads, D], k and v [L, kv_heads, D] -> [L, heads, D] (into `out` if given)."""
         scale = self.head_dim**-0.5
         if self.attention == "triton":
             from worker.engine.kernels import pack_attention
 
             r: PackRanges = mask
-            return pack_attention(q, k, v, r.head_start, r.head_end, r.segment_start, scale)
+            return pack_attention(q, k, v, r.head_start, r.head_end, r.segment_start, scale, out=out)
         if self.attention == "flash_varlen":
             from worker.engine.kernels import head_attention_merge
 
@@ -317,10 +318,10 @@ class Qwen3PackedScorer:
             return head_attention_merge(q, k, v, own, own_lse, lay.head_start, lay.head_end, scale)
         qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, L, D]
         if self.attention == "flex_attention":
-            out: Tensor = self._flex(qh, kh, vh, block_mask=mask, scale=scale, enable_gqa=True)
+            heads_first: Tensor = self._flex(qh, kh, vh, block_mask=mask, scale=scale, enable_gqa=True)
         else:
-            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
-        return out.squeeze(0).transpose(0, 1)
+            heads_first = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
+        return heads_first.squeeze(0).transpose(0, 1)
 
     def _mask(self, arrays: PackArrays, head_start: Tensor, head_end: Tensor, segment_start: Tensor) -> Any:
         if self.attention == "triton":
@@ -357,9 +358,12 @@ class Qwen3PackedScorer:
         x, attended = self.forward_body(input_ids, position_ids, mask)
         return self.forward_tail(x, attended, ends)
 
-    def forward_body(self, input_ids: Tensor, position_ids: Tensor, mask: Any) -> tuple[Tensor, Tensor]:
+    def forward_body(
+        self, input_ids: Tensor, position_ids: Tensor, mask: Any, out: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Every layer up to and including the last layer's attention, over all rows: the residual stream entering
-        the last layer and that layer's attention output. The part a CUDA graph captures (fixed length)."""
+        the last layer and that layer's attention output, written into `out` ([L, hidden], [L, heads, head_dim])
+        when given. The part a CUDA graph captures (fixed length)."""
         x = F.embedding(input_ids, self.embed)  # [L, hidden]
         cos, sin = self.rotary(x.unsqueeze(0), position_ids.unsqueeze(0))  # [1, L, head_dim] each
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [L, 1, head_dim]
@@ -377,6 +381,12 @@ class Qwen3PackedScorer:
                 q, k, v = self._attention_inputs(
                     x, cos, sin, w.input_norm, w.qkv, *w.qk_norms, self.heads, self.kv_heads, self.eps
                 )
+            if i == last and out is not None:
+                x_out, attended_out = out
+                attended = self._attend(q, k, v, mask, out=attended_out)
+                if attended.data_ptr() != attended_out.data_ptr():  # a kernel that cannot write into `out`
+                    attended_out.copy_(attended)
+                return x_out.copy_(x), attended_out
             attended = self._attend(q, k, v, mask)
             self._dynamic(attended)
             if i == last:
@@ -403,6 +413,14 @@ class Qwen3PackedScorer:
 
     def score_pack(self, arrays: PackArrays) -> npt.NDArray[np.float32]:
         """P(yes) for each document of the pack, in pack order: float32 [num_docs]."""
+        # Triton launches on the calling thread's current device, and the GPU thread never set one: cuda:N needs it
+        with self._on_device():
+            return self._score_pack(arrays)
+
+    def _on_device(self) -> contextlib.AbstractContextManager[Any]:
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def _score_pack(self, arrays: PackArrays) -> npt.NDArray[np.float32]:
         num_docs = len(arrays.doc_ends)
         if self.graphs is not None and self.graphs.fits(arrays.num_tokens):
             with torch.inference_mode():
@@ -425,23 +443,30 @@ class Qwen3PackedScorer:
         is captured; returns the number of graphs (0 where they do not apply)."""
         if not (self.use_cuda_graphs and self.attention == "triton" and self.device.type == "cuda"):
             return 0
-        self.graphs = PackGraphs(self, graph_buckets(max_tokens))
+        with self._on_device():
+            self.graphs = PackGraphs(self, graph_buckets(max_tokens))
+        # Packs that fit a bucket now replay inside the graphs' own pool: hand back what the eager warm-up passes
+        # left cached in the default pool.
+        torch.cuda.empty_cache()
         return len(self.graphs.buckets)
 
 
 def graph_buckets(max_tokens: int) -> list[int]:
-    """Pack lengths a graph is captured for: fine steps for small packs (a few short jobs), 2,048-token steps
-    above (at most ~6% padding there), the budget itself last."""
-    small = [b for b in (256, 512, 1024, 2048) if b < max_tokens]
-    large = list(range(4096, max_tokens, 2048))
-    return [*small, *large, max_tokens]
+    """Pack lengths a graph is captured for: 256, 512, 1,024, 2,048, then steps of 1/8 rounded up to 256 tokens
+    (a pack above 2,048 tokens is padded by less than 1/8 of its length plus 256), the budget itself last."""
+    buckets = [b for b in (256, 512, 1024, 2048) if b < max_tokens]
+    bucket = 2048
+    while (bucket := -(-bucket * 9 // 8 // 256) * 256) < max_tokens:
+        buckets.append(bucket)
+    return [*buckets, max_tokens]
 
 
 class PackGraphs:
-    """CUDA graphs of `forward_body`, one per length bucket, sharing one memory pool (they never run at once, and
-    each one's outputs are consumed before the next replay). A pack is padded to its bucket: padding tokens form
-    their own segment with an empty head, so real rows never see them. Replaying costs one launch instead of a
-    few hundred, so the host is free while the GPU works."""
+    """CUDA graphs of `forward_body`, one per length bucket, sharing one memory pool and one pair of output tensors
+    (they never run at once, and each replay's outputs are read before the next replay). A pack is padded to its
+    bucket: each padding token is its own one-token segment with an empty head, so real rows never see it and it
+    costs the attention one key. Replaying costs one launch instead of a few hundred, so the host is free while the
+    GPU works."""
 
     def __init__(self, scorer: Qwen3PackedScorer, buckets: list[int]) -> None:
         self.scorer = scorer
@@ -449,7 +474,11 @@ class PackGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.inputs: dict[int, Tensor] = {}  # bucket -> [5, L] int64 on the device (ids, positions, 3 ranges)
         self.staging: dict[int, Tensor] = {}  # bucket -> the same in pinned host memory
-        self.outputs: dict[int, tuple[Tensor, Tensor]] = {}
+        self.padding_segments = np.arange(buckets[-1], dtype=np.int64)
+        # outside the graphs' pool: every graph writes the first `bucket` rows, nothing is kept per bucket
+        longest, device, dtype = buckets[-1], scorer.device, scorer.dtype
+        self.x_out = torch.empty((longest, scorer.embed.shape[1]), device=device, dtype=dtype)
+        self.attended_out = torch.empty((longest, scorer.heads, scorer.head_dim), device=device, dtype=dtype)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         for bucket in buckets:
             self._capture(bucket)
@@ -457,9 +486,10 @@ class PackGraphs:
     def fits(self, num_tokens: int) -> bool:
         return num_tokens <= self.buckets[-1]
 
-    def _body(self, bucket: int) -> tuple[Tensor, Tensor]:
+    def _body(self, bucket: int) -> None:
         ids, positions, head_start, head_end, segment_start = self.inputs[bucket].unbind(0)
-        return self.scorer.forward_body(ids, positions, PackRanges(head_start, head_end, segment_start))
+        ranges = PackRanges(head_start, head_end, segment_start)
+        self.scorer.forward_body(ids, positions, ranges, out=(self.x_out[:bucket], self.attended_out[:bucket]))
 
     @torch.inference_mode()
     def _capture(self, bucket: int) -> None:
@@ -475,7 +505,7 @@ class PackGraphs:
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            self.outputs[bucket] = self._body(bucket)
+            self._body(bucket)
         self.graphs[bucket] = graph
 
     def run(self, arrays: PackArrays, ends: npt.NDArray[np.int64]) -> Tensor:
@@ -487,11 +517,12 @@ class PackGraphs:
         ):
             staging[row, :n] = values[:n]
         staging[:2, n:] = 0
-        staging[2:, n:] = n  # padding: one segment from n on, with an empty head (plan.build_pack_arrays' rule)
+        staging[2:4, n:] = n  # padding: an empty head ...
+        staging[4, n:] = self.padding_segments[n:bucket]  # ... and each token its own segment (one key)
         # The staging buffer is reused: wait for the previous copy out of it before overwriting (replays are
         # serialized by the caller's .cpu() of the scores, so by now it is done).
         self.inputs[bucket].copy_(self.staging[bucket], non_blocking=True)
         self.graphs[bucket].replay()
-        x, attended = self.outputs[bucket]
+        x, attended = self.x_out[:bucket], self.attended_out[:bucket]
         ends_t = torch.from_numpy(ends).to(self.scorer.device, non_blocking=True)
         return self.scorer.forward_tail(x, attended, ends_t)
