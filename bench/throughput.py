@@ -21,7 +21,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,25 +66,45 @@ def workloads(names: str, rng_seed: int) -> list[Workload]:
     return [table[n]() for n in names.split(",")]
 
 
-def stream(engine: RerankEngine, batches: list[list[ScoreRequest]], device: torch.device) -> list[float]:
+@dataclass
+class StreamTimes:
+    """Where a stream's time goes, per batch: waiting for the next batch's tokenizing (should be ~0: it overlaps the
+    GPU), and `score_prepared` (plan, pack, launch, wait for the GPU, collect). Seconds."""
+
+    per_job: list[float] = field(default_factory=list)
+    waited_for_prepare: list[float] = field(default_factory=list)
+    scoring: list[float] = field(default_factory=list)
+
+    def __add__(self, other: StreamTimes) -> StreamTimes:
+        return StreamTimes(
+            self.per_job + other.per_job,
+            self.waited_for_prepare + other.waited_for_prepare,
+            self.scoring + other.scoring,
+        )
+
+
+def stream(engine: RerankEngine, batches: list[list[ScoreRequest]], device: torch.device) -> StreamTimes:
     """Score batches the way the worker does: the next batch is tokenized on another thread while this one is on
-    the GPU (the tokenizer releases the GIL). Returns seconds per job of each batch (time between completions)."""
+    the GPU (the tokenizer releases the GIL). Per job: time between completions, divided by the batch's jobs."""
     from concurrent.futures import ThreadPoolExecutor
 
-    per_job = []
+    times = StreamTimes()
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(lambda: [engine.prepare(r) for r in batches[0]])
         sync(device)
         last = time.perf_counter()
         for i, batch in enumerate(batches):
             prepared = pending.result()
+            ready = time.perf_counter()
             if i + 1 < len(batches):
                 pending = pool.submit(lambda nxt=batches[i + 1]: [engine.prepare(r) for r in nxt])
             engine.score_prepared(prepared)  # returns host scores: the GPU work is done
             now = time.perf_counter()
-            per_job.append((now - last) / len(batch))
+            times.per_job.append((now - last) / len(batch))
+            times.waited_for_prepare.append(ready - last)
+            times.scoring.append(now - ready)
             last = now
-    return per_job
+    return times
 
 
 def sync(device: torch.device) -> None:
@@ -217,7 +237,8 @@ def main() -> None:
             base = torch.cuda.memory_allocated()
         scored, first, times = timed(lambda wl=wl: engine.score(wl.jobs), wl.reps, device)
         stream(engine, wl.stream, device)  # warm
-        stream_per_job = np.asarray(stream(engine, wl.stream, device) + stream(engine, wl.stream, device))
+        streamed = stream(engine, wl.stream, device) + stream(engine, wl.stream, device)
+        stream_per_job = np.asarray(streamed.per_job)
         # peak beyond the weights: what the warm engine reserves, plus what this workload allocated on top of it
         peak_gib = (
             resident_gib + (torch.cuda.max_memory_allocated() - base) / 2**30 if resident_gib is not None else None
@@ -241,6 +262,9 @@ def main() -> None:
             # steady state: batches back to back, tokenizing the next while the GPU runs this one (the worker)
             "engine_ms_per_job_median": round(float(np.median(stream_per_job)) * 1e3, 2),
             "engine_ms_per_job_p90": round(float(np.percentile(stream_per_job, 90)) * 1e3, 2),
+            # per stream batch, medians: time waiting for the overlapped tokenizing, and time in score_prepared
+            "stream_wait_for_prepare_ms_median": round(float(np.median(streamed.waited_for_prepare)) * 1e3, 2),
+            "stream_score_prepared_ms_median": round(float(np.median(streamed.scoring)) * 1e3, 2),
             # one call of engine.score on these jobs alone, tokenization included, nothing overlapped
             "engine_latency_ms_per_job_median": round(float(np.median(latency_per_job)) * 1e3, 2),
             "engine_latency_ms_per_job_p90": round(float(np.percentile(latency_per_job, 90)) * 1e3, 2),
