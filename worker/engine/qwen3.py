@@ -4,9 +4,9 @@ Why not call the Hugging Face decoder: a pack needs none of its generality, and 
 norms and rotary, and one mask build per call cost more than the matmuls at 32k tokens. Here, per layer:
     attention_inputs   RMSNorm, one fused q/k/v matmul, per-head q/k RMSNorm, rotary
                        (CUDA: compiled norm + matmul, then the `kernels.qk_norm_rotary` Triton kernel)
-    attend             CUDA bf16/fp16: FlashAttention varlen per segment, then `kernels.head_attention_merge`
-                       adds each document's view of its head in place; CUDA fp32: FlexAttention over the pack's
-                       block structure; CPU: SDPA with a dense mask
+    attend             CUDA bf16/fp16: `kernels.pack_attention`, one kernel over the per-token ranges (or, as
+                       `flash_varlen`, FlashAttention varlen per segment plus `kernels.head_attention_merge`);
+                       CUDA fp32: FlexAttention over the pack's block structure; CPU: SDPA with a dense mask
     mlp_block          o_proj, residual, RMSNorm, one fused gate/up matmul, SiLU, down_proj (compiled on CUDA)
 The last layer runs its o_proj and MLP on the document-end rows only (nothing else is read), and the final norm
 and the fp32 yes-minus-no product see only those rows. The math is Qwen3's, operation for operation (RMSNorm in
@@ -15,6 +15,8 @@ independent per-pair forward of the Hugging Face model.
 
 The compiled steps are layer-generic (weights are arguments, so 28 layers share one graph) and the pack length is
 a dynamic dimension, so a stream of packs of any length compiles a bounded set of graphs at warm-up, then none.
+With `pack_attention` no step needs a host-side length, so warm-up also captures everything up to the last layer's
+attention as one CUDA graph per pack-length bucket (`PackGraphs`); the last layer's tail runs after the replay.
 """
 
 from __future__ import annotations
@@ -315,13 +317,15 @@ class Qwen3PackedScorer:
                 causal=True,
                 scale=scale,
             )
-            return head_attention_merge(q, k, v, own, own_lse, lay.head_start, lay.head_end, scale)
-        qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, L, D]
-        if self.attention == "flex_attention":
-            heads_first: Tensor = self._flex(qh, kh, vh, block_mask=mask, scale=scale, enable_gqa=True)
+            attended = head_attention_merge(q, k, v, own, own_lse, lay.head_start, lay.head_end, scale)
         else:
-            heads_first = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
-        return heads_first.squeeze(0).transpose(0, 1)
+            qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, L, D]
+            if self.attention == "flex_attention":
+                heads_first: Tensor = self._flex(qh, kh, vh, block_mask=mask, scale=scale, enable_gqa=True)
+            else:
+                heads_first = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
+            attended = heads_first.squeeze(0).transpose(0, 1)
+        return attended if out is None else out.copy_(attended)  # these kernels allocate their own output
 
     def _mask(self, arrays: PackArrays, head_start: Tensor, head_end: Tensor, segment_start: Tensor) -> Any:
         if self.attention == "triton":
@@ -383,10 +387,7 @@ class Qwen3PackedScorer:
                 )
             if i == last and out is not None:
                 x_out, attended_out = out
-                attended = self._attend(q, k, v, mask, out=attended_out)
-                if attended.data_ptr() != attended_out.data_ptr():  # a kernel that cannot write into `out`
-                    attended_out.copy_(attended)
-                return x_out.copy_(x), attended_out
+                return x_out.copy_(x), self._attend(q, k, v, mask, out=attended_out)
             attended = self._attend(q, k, v, mask)
             self._dynamic(attended)
             if i == last:
@@ -426,9 +427,7 @@ class Qwen3PackedScorer:
             with torch.inference_mode():
                 logits = self.graphs.run(arrays, self._padded_ends(arrays))
             return torch.sigmoid(logits[:num_docs]).cpu().numpy()
-        host = np.stack(
-            [arrays.input_ids, arrays.position_ids, arrays.head_start, arrays.head_end, arrays.segment_start]
-        )
+        host = np.stack(device_rows(arrays))
         on_device = torch.from_numpy(host).to(self.device, non_blocking=True)
         input_ids, position_ids, head_start, head_end, segment_start = on_device.unbind(0)
         with torch.inference_mode():
@@ -449,6 +448,12 @@ class Qwen3PackedScorer:
         # left cached in the default pool.
         torch.cuda.empty_cache()
         return len(self.graphs.buckets)
+
+
+def device_rows(arrays: PackArrays) -> tuple[npt.NDArray[np.int64], ...]:
+    """The per-token rows a pack sends to the device, in the order the forward unbinds them: input ids, position
+    ids, head start, head end, segment start."""
+    return (arrays.input_ids, arrays.position_ids, arrays.head_start, arrays.head_end, arrays.segment_start)
 
 
 def graph_buckets(max_tokens: int) -> list[int]:
@@ -512,9 +517,7 @@ class PackGraphs:
         n = arrays.num_tokens
         bucket = next(b for b in self.buckets if b >= n)
         staging = self.staging[bucket].numpy()
-        for row, values in enumerate(
-            (arrays.input_ids, arrays.position_ids, arrays.head_start, arrays.head_end, arrays.segment_start)
-        ):
+        for row, values in enumerate(device_rows(arrays)):
             staging[row, :n] = values[:n]
         staging[:2, n:] = 0
         staging[2:4, n:] = n  # padding: an empty head ...
