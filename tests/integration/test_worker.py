@@ -7,7 +7,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -219,6 +221,10 @@ class SlowFirstBatch:
 
     def prepare(self, request: Any) -> PreparedJob:
         return self.inner.prepare(request)
+
+    def submit(self, jobs: Any, *, batch_started: float | None = None) -> Any:
+        """Scores when `result()` is called, so failures surface where the engine's queued batch raises them."""
+        return SimpleNamespace(result=partial(self.score_prepared, jobs, batch_started=batch_started))
 
     def score_prepared(self, jobs: Sequence[PreparedJob], *, batch_started: float | None = None) -> list[JobScores]:
         self.calls += 1

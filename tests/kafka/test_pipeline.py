@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import queue
 from collections.abc import Sequence
+from functools import partial
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -53,6 +55,10 @@ class Flaky:
     def prepare(self, request: ScoreRequest) -> PreparedJob:
         prepared: PreparedJob = self.inner.prepare(request)
         return prepared
+
+    def submit(self, jobs: Any, *, batch_started: float | None = None) -> Any:
+        """Scores when `result()` is called, so failures surface where the engine's queued batch raises them."""
+        return SimpleNamespace(result=partial(self.score_prepared, jobs, batch_started=batch_started))
 
     def score_prepared(self, jobs: Sequence[PreparedJob], *, batch_started: float | None = None) -> list[JobScores]:
         self.batches.append(len(jobs))

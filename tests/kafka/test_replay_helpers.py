@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -307,6 +309,10 @@ class PoisonEngine:
         prepared = self.inner.prepare(request)
         self.queries[id(prepared)] = request.query
         return prepared
+
+    def submit(self, jobs: Any, *, batch_started: float | None = None) -> Any:
+        """Scores when `result()` is called, so failures surface where the engine's queued batch raises them."""
+        return SimpleNamespace(result=partial(self.score_prepared, jobs, batch_started=batch_started))
 
     def score_prepared(self, jobs: Any, *, batch_started: float | None = None) -> Any:
         self.batches.append(len(jobs))

@@ -33,6 +33,28 @@ class BackendInfo:
     cuda_graphs: int = 0  # pack-length buckets captured as CUDA graphs
 
 
+class PendingScores:
+    """One pack's P(yes) per document on its way to the host. On CUDA the copy into pinned memory is queued behind
+    the pack's forward and nothing waits for it until `result()`, so the caller can queue the next pack first and
+    the device never idles between packs. On CPU the scores are already there."""
+
+    def __init__(self, probs: Tensor) -> None:
+        self._done: torch.cuda.Event | None = None
+        if probs.device.type == "cuda":
+            host = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)
+            host.copy_(probs, non_blocking=True)
+            self._done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self._done.record(torch.cuda.current_stream(probs.device))  # the stream the copy was queued on
+            probs = host
+        self._host = probs
+
+    def result(self) -> npt.NDArray[np.float32]:
+        """float32 [num_docs] in pack order; waits (GIL released) for the device where it must."""
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host.numpy()
+
+
 class PackScorer(Protocol):
     """What the engine needs of a backend: score one pack's document ends."""
 
@@ -43,7 +65,13 @@ class PackScorer(Protocol):
     @property
     def info(self) -> BackendInfo: ...
 
-    def score_pack(self, arrays: PackArrays) -> npt.NDArray[np.float32]: ...
+    def launch_pack(self, arrays: PackArrays) -> PendingScores:
+        """Queue the pack's forward on the device; the scores arrive through the returned handle."""
+        ...
+
+    def score_pack(self, arrays: PackArrays) -> npt.NDArray[np.float32]:
+        """P(yes) for each document of the pack, in pack order (`launch_pack` and wait)."""
+        ...
 
     def capture_graphs(self, max_tokens: int) -> int:
         """Capture CUDA graphs for packs up to `max_tokens` where the backend can; returns how many (0: none)."""
@@ -191,9 +219,12 @@ class TorchScorer:
     def capture_graphs(self, max_tokens: int) -> int:
         return 0  # the Hugging Face decoder builds its mask on the host per call: nothing fixed to capture
 
-    @torch.inference_mode()
     def score_pack(self, arrays: PackArrays) -> npt.NDArray[np.float32]:
         """P(yes) for each document of the pack, in pack order: float32 [num_docs]."""
+        return self.launch_pack(arrays).result()
+
+    @torch.inference_mode()
+    def launch_pack(self, arrays: PackArrays) -> PendingScores:
         to: dict[str, Any] = {"device": self.device, "non_blocking": True}
         input_ids = torch.from_numpy(arrays.input_ids).to(**to).view(1, -1)  # [1, L]
         position_ids = torch.from_numpy(arrays.position_ids).to(**to).view(1, -1)  # [1, L]
@@ -204,5 +235,4 @@ class TorchScorer:
         hidden = self.decoder(
             input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False
         ).last_hidden_state[0, ends]  # [num_docs, hidden]
-        scores = torch.sigmoid(hidden.float() @ self.yes_minus_no)  # [num_docs], fp32
-        return scores.cpu().numpy()
+        return PendingScores(torch.sigmoid(hidden.float() @ self.yes_minus_no))  # [num_docs], fp32

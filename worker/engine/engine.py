@@ -1,8 +1,11 @@
 """RerankEngine: queries and documents in, scores and pack statistics out. Knows nothing of Kafka.
 
 Steps, each a method: `prepare` (drop blanks, de-duplicate, tokenize), `plan_packs` (cross-job packing under the
-token budget), `run_packs` (one forward per pack), `collect` (scores back to every input document, statistics).
-`score` does all four; the worker may call `prepare` for the next batch while the GPU runs the current one.
+token budget), `launch_packs` (queue one forward per pack on the device), `gather_scores` (wait for them),
+`collect` (scores back to every input document, statistics). `score` does all of them; `submit` stops after the
+launch and returns a `ScoringBatch` whose `result()` does the rest, so a caller can queue the next batch before
+it waits for this one and the device never idles between batches (the worker's GPU thread and the stream
+benchmark do). The worker calls `prepare` on another thread while the GPU runs.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from transformers import AutoTokenizer
 
-from worker.engine.backend import BackendInfo, PackScorer, load_scorer
+from worker.engine.backend import BackendInfo, PackScorer, PendingScores, load_scorer
 from worker.engine.plan import Pack, PreparedJob, build_pack_arrays, plan_packs
 from worker.engine.prompt import DEFAULT_INSTRUCTION, query_head
 from worker.engine.tokenize import PromptTokenizer, TokenIds
@@ -62,6 +65,27 @@ class EngineInfo:
     max_doc_tokens: int
     max_query_tokens: int
     cuda_graphs: int = 0  # pack-length buckets replayed as CUDA graphs (captured by warm_up)
+
+
+@dataclass(frozen=True)
+class ScoringBatch:
+    """A batch whose packs are queued on the device (`RerankEngine.submit`); `result()` waits for them."""
+
+    engine: RerankEngine
+    jobs: Sequence[PreparedJob]
+    packs: Sequence[Pack]
+    pending: Sequence[PendingScores]
+    submitted: float  # perf_counter() when `submit` began
+    batch_started: float
+
+    def result(self) -> list[JobScores]:
+        """Per job, its scores and statistics. `inference_ms` runs from `submit` to here: where batches are queued
+        back to back, it includes the wait behind the batch before on the device."""
+        unique_scores = self.engine.gather_scores(self.jobs, self.packs, self.pending)
+        inference_ms = (time.perf_counter() - self.submitted) * 1e3
+        return self.engine.collect(
+            self.jobs, self.packs, unique_scores, inference_ms=inference_ms, batch_started=self.batch_started
+        )
 
 
 class RerankEngine:
@@ -220,12 +244,19 @@ class RerankEngine:
     def plan_packs(self, jobs: Sequence[PreparedJob]) -> list[Pack]:
         return plan_packs(jobs, len(self.tokenizer.suffix_ids), self.max_batch_tokens)
 
-    def run_packs(self, jobs: Sequence[PreparedJob], packs: Sequence[Pack]) -> list[np.ndarray]:
-        """Forward every pack; returns per job the scores of its unique documents (float32)."""
+    def launch_packs(self, jobs: Sequence[PreparedJob], packs: Sequence[Pack]) -> list[PendingScores]:
+        """Queue every pack's forward on the device. Returns once they are queued (on the graph path the host may
+        wait for the device only to reuse a staging buffer, so it runs at most a pack ahead)."""
+        suffix, pad = self.tokenizer.suffix_ids, self.scorer.pad_to_multiple
+        return [self.scorer.launch_pack(build_pack_arrays(pack, jobs, suffix, pad, pad_id=0)) for pack in packs]
+
+    def gather_scores(
+        self, jobs: Sequence[PreparedJob], packs: Sequence[Pack], pending: Sequence[PendingScores]
+    ) -> list[np.ndarray]:
+        """Wait for every pack's scores; returns per job the scores of its unique documents (float32)."""
         unique_scores = [np.full(len(job.unique_docs), np.nan, dtype=np.float32) for job in jobs]
-        for pack in packs:
-            arrays = build_pack_arrays(pack, jobs, self.tokenizer.suffix_ids, self.scorer.pad_to_multiple, pad_id=0)
-            scores = self.scorer.score_pack(arrays)  # [num_docs in pack order]
+        for pack, scored in zip(packs, pending, strict=True):
+            scores = scored.result()  # [num_docs in pack order]
             offset = 0
             for group in pack.groups:
                 n = len(group.docs)
@@ -235,6 +266,10 @@ class RerankEngine:
             if np.isnan(scores).any():
                 raise RuntimeError("a document was planned into no pack or scored NaN. This is a bug.")
         return unique_scores
+
+    def run_packs(self, jobs: Sequence[PreparedJob], packs: Sequence[Pack]) -> list[np.ndarray]:
+        """Forward every pack and wait; returns per job the scores of its unique documents (float32)."""
+        return self.gather_scores(jobs, packs, self.launch_packs(jobs, packs))
 
     def collect(
         self,
@@ -291,10 +326,13 @@ class RerankEngine:
         return self.score_prepared(jobs, batch_started=started)
 
     def score_prepared(self, jobs: Sequence[PreparedJob], *, batch_started: float | None = None) -> list[JobScores]:
+        return self.submit(jobs, batch_started=batch_started).result()
+
+    def submit(self, jobs: Sequence[PreparedJob], *, batch_started: float | None = None) -> ScoringBatch:
+        """Plan the batch and queue its packs on the device; `result()` of the returned batch waits and collects.
+        Errors of planning and of queuing (an invalid job, CUDA out of memory outside the graphs) raise here,
+        errors the device reports raise from `result()`."""
         started = time.perf_counter()
         packs = self.plan_packs(jobs)
-        unique_scores = self.run_packs(jobs, packs)
-        inference_ms = (time.perf_counter() - started) * 1e3
-        return self.collect(
-            jobs, packs, unique_scores, inference_ms=inference_ms, batch_started=batch_started or started
-        )
+        pending = self.launch_packs(jobs, packs)
+        return ScoringBatch(self, jobs, packs, pending, started, batch_started or started)

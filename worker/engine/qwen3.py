@@ -36,7 +36,7 @@ from worker.engine.masks import block_structure, dense_mask, interval_mask
 from worker.engine.plan import PackArrays
 
 if TYPE_CHECKING:
-    from worker.engine.backend import BackendInfo
+    from worker.engine.backend import BackendInfo, PendingScores
 
 PackedAttention = Literal["triton", "flash_varlen", "flex_attention", "sdpa"]
 FLEX_BLOCK = 128
@@ -414,27 +414,33 @@ class Qwen3PackedScorer:
 
     def score_pack(self, arrays: PackArrays) -> npt.NDArray[np.float32]:
         """P(yes) for each document of the pack, in pack order: float32 [num_docs]."""
+        return self.launch_pack(arrays).result()
+
+    def launch_pack(self, arrays: PackArrays) -> PendingScores:
+        """Queue the pack's forward; nothing on the graph path waits for the device (the FlashAttention path
+        reads no device values either, but its host-side lengths are built from the arrays)."""
+        from worker.engine.backend import PendingScores
+
+        num_docs = len(arrays.doc_ends)
         # Triton launches on the calling thread's current device, and the GPU thread never set one: cuda:N needs it
-        with self._on_device():
-            return self._score_pack(arrays)
+        with self._on_device(), torch.inference_mode():
+            if self.graphs is not None and self.graphs.fits(arrays.num_tokens):
+                logits = self.graphs.run(arrays, self._padded_ends(arrays))
+            else:
+                logits = self._forward_eager(arrays)
+            return PendingScores(torch.sigmoid(logits[:num_docs]))
 
     def _on_device(self) -> contextlib.AbstractContextManager[Any]:
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
-    def _score_pack(self, arrays: PackArrays) -> npt.NDArray[np.float32]:
-        num_docs = len(arrays.doc_ends)
-        if self.graphs is not None and self.graphs.fits(arrays.num_tokens):
-            with torch.inference_mode():
-                logits = self.graphs.run(arrays, self._padded_ends(arrays))
-            return torch.sigmoid(logits[:num_docs]).cpu().numpy()
-        host = np.stack(device_rows(arrays))
-        on_device = torch.from_numpy(host).to(self.device, non_blocking=True)
-        input_ids, position_ids, head_start, head_end, segment_start = on_device.unbind(0)
-        with torch.inference_mode():
-            mask = self._mask(arrays, head_start, head_end, segment_start)
-            ends = torch.from_numpy(self._padded_ends(arrays)).to(self.device)
-            logits = self.forward_pack(input_ids, position_ids, ends, mask)
-        return torch.sigmoid(logits[:num_docs]).cpu().numpy()
+    def _forward_eager(self, arrays: PackArrays) -> Tensor:
+        host = torch.from_numpy(np.stack(device_rows(arrays)))
+        ends = torch.from_numpy(self._padded_ends(arrays))
+        if self.device.type == "cuda":  # a copy from pageable memory first waits for the device to drain
+            host, ends = host.pin_memory(), ends.pin_memory()
+        input_ids, position_ids, head_start, head_end, segment_start = host.to(self.device, non_blocking=True).unbind(0)
+        mask = self._mask(arrays, head_start, head_end, segment_start)
+        return self.forward_pack(input_ids, position_ids, ends.to(self.device, non_blocking=True), mask)
 
     def capture_graphs(self, max_tokens: int) -> int:
         """Capture one CUDA graph of `forward_body` per pack-length bucket up to `max_tokens` (after a warm-up
@@ -477,8 +483,11 @@ class PackGraphs:
         self.scorer = scorer
         self.buckets = buckets
         self.pool = torch.cuda.graph_pool_handle()
-        self.inputs: dict[int, Tensor] = {}  # bucket -> [5, L] int64 on the device (ids, positions, 3 ranges)
+        # bucket -> [6, L] int64 on the device: ids, positions, the 3 ranges (what the graph reads), then the
+        # document-end rows (what the tail after the replay reads)
+        self.inputs: dict[int, Tensor] = {}
         self.staging: dict[int, Tensor] = {}  # bucket -> the same in pinned host memory
+        self.copied: dict[int, torch.cuda.Event] = {}  # bucket -> recorded after the last copy out of its staging
         self.padding_segments = np.arange(buckets[-1], dtype=np.int64)
         # outside the graphs' pool: every graph writes the first `bucket` rows, nothing is kept per bucket
         longest, device, dtype = buckets[-1], scorer.device, scorer.dtype
@@ -492,7 +501,7 @@ class PackGraphs:
         return num_tokens <= self.buckets[-1]
 
     def _body(self, bucket: int) -> None:
-        ids, positions, head_start, head_end, segment_start = self.inputs[bucket].unbind(0)
+        ids, positions, head_start, head_end, segment_start, _ = self.inputs[bucket].unbind(0)
         ranges = PackRanges(head_start, head_end, segment_start)
         self.scorer.forward_body(ids, positions, ranges, out=(self.x_out[:bucket], self.attended_out[:bucket]))
 
@@ -501,8 +510,9 @@ class PackGraphs:
         device = self.scorer.device
         rows = torch.arange(bucket, device=device)
         # a cheap valid pack to record with: every token its own one-token segment, no head
-        self.inputs[bucket] = torch.stack([torch.zeros_like(rows), torch.zeros_like(rows), rows, rows, rows])
-        self.staging[bucket] = torch.empty((5, bucket), dtype=torch.int64).pin_memory()
+        self.inputs[bucket] = torch.stack([torch.zeros_like(rows), torch.zeros_like(rows), rows, rows, rows, rows])
+        self.staging[bucket] = torch.empty((6, bucket), dtype=torch.int64).pin_memory()
+        self.copied[bucket] = torch.cuda.Event()  # type: ignore[no-untyped-call]
         side = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
@@ -514,18 +524,27 @@ class PackGraphs:
         self.graphs[bucket] = graph
 
     def run(self, arrays: PackArrays, ends: npt.NDArray[np.int64]) -> Tensor:
+        """Queue the pack's copy in, the replay and the tail on the current stream; returns the logits at `ends`
+        without waiting for any of it."""
         n = arrays.num_tokens
         bucket = next(b for b in self.buckets if b >= n)
+        if len(ends) > bucket:
+            raise ValueError(f"{len(ends)} document ends in a {bucket}-token bucket. This is a bug.")
+        # The staging buffer is reused: wait until the copy out of it for this bucket's previous pack ran (at most
+        # the pack queued before this one: a caller queues one ahead while the device works).
+        self.copied[bucket].synchronize()
         staging = self.staging[bucket].numpy()
         for row, values in enumerate(device_rows(arrays)):
             staging[row, :n] = values[:n]
         staging[:2, n:] = 0
         staging[2:4, n:] = n  # padding: an empty head ...
         staging[4, n:] = self.padding_segments[n:bucket]  # ... and each token its own segment (one key)
-        # The staging buffer is reused: wait for the previous copy out of it before overwriting (replays are
-        # serialized by the caller's .cpu() of the scores, so by now it is done).
-        self.inputs[bucket].copy_(self.staging[bucket], non_blocking=True)
+        staging[5, : len(ends)] = ends
+        inputs = self.inputs[bucket]
+        inputs.copy_(self.staging[bucket], non_blocking=True)
+        self.copied[bucket].record()
+        # Inputs, outputs and the tail's reads are all ordered on this one stream: a pack queued behind this one
+        # overwrites them only after this pack's tail has read them.
         self.graphs[bucket].replay()
         x, attended = self.x_out[:bucket], self.attended_out[:bucket]
-        ends_t = torch.from_numpy(ends).to(self.scorer.device, non_blocking=True)
-        return self.scorer.forward_tail(x, attended, ends_t)
+        return self.scorer.forward_tail(x, attended, inputs[5, : len(ends)])

@@ -20,8 +20,14 @@ CORRELATION_HEADERS = ("rerank.correlation.id", "correlation-id", "correlation_i
 SUFFIX_TOKENS_ESTIMATE = 9
 
 
+class Submitted(Protocol):
+    """A batch queued on the device (`RerankEngine.submit` returns a `ScoringBatch`)."""
+
+    def result(self) -> list[JobScores]: ...
+
+
 class Engine(Protocol):
-    """What the loop needs of RerankEngine (tests pass fakes)."""
+    """What the loop needs of RerankEngine (tests pass wrappers that inject failures and delays)."""
 
     @property
     def info(self) -> EngineInfo: ...
@@ -29,6 +35,8 @@ class Engine(Protocol):
     def prepare(self, request: ScoreRequest) -> PreparedJob: ...
 
     def score_prepared(self, jobs: Sequence[PreparedJob], *, batch_started: float | None = None) -> list[JobScores]: ...
+
+    def submit(self, jobs: Sequence[PreparedJob], *, batch_started: float | None = None) -> Submitted: ...
 
 
 @dataclass(frozen=True)

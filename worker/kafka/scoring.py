@@ -5,6 +5,11 @@ RERANK_BATCH_MAX_PACKS passes of RERANK_MAX_BATCH_TOKENS (the job that would ove
 or RERANK_BATCH_WAIT_MS passes. The engine then packs the batch's documents across jobs into passes.
 Tokenizing happens in the consumer thread, so the next batch is prepared while this one runs on the GPU.
 
+One batch ahead: the thread queues the next batch on the device (`engine.submit`) before it waits for the one
+already there, so the device goes from one batch to the next without waiting for the host to collect, publish
+and launch in between. With nothing new to queue it waits for the batch in flight at once (no added latency).
+That queued run is each batch's first try; any error in it sends the batch down the path below.
+
 Errors, per batch:
 - CUDA out of memory (transient): tried again with half the token budget per pass (smaller packs), with backoff
   and jitter, up to RERANK_MAX_ATTEMPTS; then every job of the batch is dead-lettered with the attempt count.
@@ -22,16 +27,18 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import orjson
 import tenacity
 
 from worker.engine import InvalidJobError, JobScores
+from worker.engine.plan import PreparedJob
 from worker.kafka.deadletter import failure_from
 from worker.kafka.errors import is_out_of_memory, is_transient, one_line, reason_of
 from worker.kafka.logs import job_fields
 from worker.kafka.metrics import WorkerMetrics
-from worker.kafka.records import Engine, Failure, Outgoing, SourceRecord, WorkItem
+from worker.kafka.records import Engine, Failure, Outgoing, SourceRecord, Submitted, WorkItem
 from worker.messages import RerankResult
 from worker.settings import Settings
 
@@ -62,6 +69,21 @@ def engine_with_budget(engine: Engine, max_batch_tokens: int) -> Engine | None:
         return None
 
 
+@dataclass(frozen=True)
+class InFlight:
+    """A batch queued on the device, or the error queuing it raised (raised again where its result is taken)."""
+
+    batch: list[WorkItem]
+    started: float
+    submitted: Submitted | None
+    error: Exception | None = None
+
+    def result(self) -> list[JobScores]:
+        if self.submitted is None:
+            raise self.error or RuntimeError("a batch neither queued nor failed. This is a bug.")
+        return self.submitted.result()
+
+
 class Scorer(threading.Thread):
     def __init__(
         self,
@@ -89,7 +111,7 @@ class Scorer(threading.Thread):
         self.owned = owned  # jobs of revoked partitions are skipped: their new owner reads them again
         self.shrink = shrink
         self.stop_event = threading.Event()  # finish the batch in hand, take no other
-        self.busy = threading.Event()  # set while a batch is being scored
+        self.busy = threading.Event()  # set while a batch is queued on the device or being scored
         self._carry: WorkItem | None = None
         self._failed_alone = 0
         self.budget_tokens = engine.info.max_batch_tokens * settings.batch_max_packs
@@ -97,23 +119,30 @@ class Scorer(threading.Thread):
     # -- the thread -----------------------------------------------------------------------------------------------
 
     def run(self) -> None:
+        in_flight: InFlight | None = None
         try:
-            while not self.stop_event.is_set():
-                batch = self.gather()
-                if not batch:
-                    continue
-                self.busy.set()
-                try:
-                    self.score_batch(batch)
-                finally:
+            while True:
+                stopping = self.stop_event.is_set()
+                # with a batch on the device, take only what is already queued: never hold its result back
+                batch = [] if stopping else self.gather(first_wait_s=0.0 if in_flight else 0.1)
+                queued = self.submit(batch) if batch else None
+                if queued is not None:
+                    self.busy.set()
+                if in_flight is not None:
+                    self.score_batch(in_flight.batch, in_flight)
+                in_flight = queued
+                if in_flight is None:
                     self.busy.clear()
+                    if stopping:
+                        return
         except Exception as e:  # a bug: exit (nothing of the batch was committed) rather than hang
             log.exception("the GPU thread crashed")
             self.on_fatal(f"the GPU thread crashed: {one_line(e)}. This is a bug.")
 
-    def gather(self) -> list[WorkItem]:
-        """Jobs for one batch: the first blocks (briefly, to notice a stop), the rest until budget or deadline."""
-        first = self._carry or self._get(0.1)
+    def gather(self, first_wait_s: float = 0.1) -> list[WorkItem]:
+        """Jobs for one batch: the first waits up to `first_wait_s` (briefly, to notice a stop), the rest until
+        budget or deadline."""
+        first = self._carry or self._get(first_wait_s)
         self._carry = None
         if first is None:
             return []
@@ -151,10 +180,19 @@ class Scorer(threading.Thread):
 
     # -- scoring --------------------------------------------------------------------------------------------------
 
-    def score_batch(self, batch: list[WorkItem]) -> None:
+    def submit(self, batch: list[WorkItem]) -> InFlight:
+        """Queue the batch on the device; an error here is kept for `score_batch` (the batch's first try)."""
         started = time.perf_counter()
         try:
-            engine, scored = self._score_with_retries(batch)
+            return InFlight(batch, started, self.engine.submit(self._prepared(batch)))
+        except Exception as e:
+            return InFlight(batch, started, None, e)
+
+    def score_batch(self, batch: list[WorkItem], queued: InFlight | None = None) -> None:
+        """Score, publish or dead-letter every job of the batch; `queued` is its first try, already submitted."""
+        started = queued.started if queued is not None else time.perf_counter()
+        try:
+            engine, scored = self._score_with_retries(batch, queued)
         except InvalidJobError as e:
             if len(batch) == 1:
                 self.dead_letter(batch[0], failure_from(e, stage="score", attempts=1))
@@ -185,7 +223,16 @@ class Scorer(threading.Thread):
         for item in batch:
             self.score_batch([item])
 
-    def _score_with_retries(self, batch: Sequence[WorkItem]) -> tuple[Engine, list[JobScores]]:
+    @staticmethod
+    def _prepared(batch: Sequence[WorkItem]) -> list[PreparedJob]:
+        prepared = [item.prepared for item in batch if item.prepared is not None]
+        if len(prepared) != len(batch):
+            raise RuntimeError("a job reached the GPU thread unprepared. This is a bug.")
+        return prepared
+
+    def _score_with_retries(
+        self, batch: Sequence[WorkItem], queued: InFlight | None = None
+    ) -> tuple[Engine, list[JobScores]]:
         engine = self.engine
         tokens = engine.info.max_batch_tokens
         retrying = tenacity.Retrying(
@@ -200,10 +247,10 @@ class Scorer(threading.Thread):
         for attempt in retrying:
             with attempt:
                 try:
-                    prepared = [item.prepared for item in batch if item.prepared is not None]
-                    if len(prepared) != len(batch):
-                        raise RuntimeError("a job reached the GPU thread unprepared. This is a bug.")
-                    return engine, engine.score_prepared(prepared)
+                    if queued is not None:  # the first try, queued on the device ahead of time
+                        first, queued = queued, None
+                        return engine, first.result()
+                    return engine, engine.score_prepared(self._prepared(batch))
                 except Exception as e:
                     if is_out_of_memory(e):
                         tokens //= 2
