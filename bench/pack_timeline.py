@@ -162,6 +162,9 @@ def main() -> None:
                 job = pending.result()
                 if i + 1 < len(requests):
                     pending = pool.submit(engine.prepare, requests[i + 1])
+                if in_flight is not None and not in_flight.fully_queued:
+                    streamed.append(in_flight.result()[0].scores)
+                    in_flight = None
                 queued = engine.submit([job])
                 if in_flight is not None:
                     streamed.append(in_flight.result()[0].scores)

@@ -93,30 +93,40 @@ def stream(engine: RerankEngine, batches: list[list[ScoreRequest]], device: torc
     from concurrent.futures import ThreadPoolExecutor
 
     times = StreamTimes()
+    last = 0.0
+
+    def finish(batch: ScoringBatch, jobs: int) -> None:
+        nonlocal last
+        waiting = time.perf_counter()
+        batch.result()  # host scores: the GPU work is done
+        now = time.perf_counter()
+        times.collecting.append(now - waiting)
+        times.per_job.append((now - last) / jobs)
+        last = now
+
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(lambda: [engine.prepare(r) for r in batches[0]])
         sync(device)
         last = time.perf_counter()
         in_flight: tuple[ScoringBatch, int] | None = None
-        for i in range(len(batches) + 1):
+        for i, _ in enumerate(batches):
             started = time.perf_counter()
-            queued = None
-            if i < len(batches):
-                prepared = pending.result()
-                ready = time.perf_counter()
-                times.waited_for_prepare.append(ready - started)
-                if i + 1 < len(batches):
-                    pending = pool.submit(lambda nxt=batches[i + 1]: [engine.prepare(r) for r in nxt])
-                queued = (engine.submit(prepared), len(prepared))
-                times.submitting.append(time.perf_counter() - ready)
+            prepared = pending.result()
+            ready = time.perf_counter()
+            times.waited_for_prepare.append(ready - started)
+            if i + 1 < len(batches):
+                pending = pool.submit(lambda nxt=batches[i + 1]: [engine.prepare(r) for r in nxt])
+            if in_flight is not None and not in_flight[0].fully_queued:
+                finish(*in_flight)  # its later packs go to the device first (as the worker does)
+                in_flight = None
+            submitting = time.perf_counter()
+            queued = (engine.submit(prepared), len(prepared))
+            times.submitting.append(time.perf_counter() - submitting)
             if in_flight is not None:
-                waiting = time.perf_counter()
-                in_flight[0].result()  # host scores: the GPU work is done
-                now = time.perf_counter()
-                times.collecting.append(now - waiting)
-                times.per_job.append((now - last) / in_flight[1])
-                last = now
+                finish(*in_flight)
             in_flight = queued
+        if in_flight is not None:
+            finish(*in_flight)
     return times
 
 

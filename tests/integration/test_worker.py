@@ -224,7 +224,9 @@ class SlowFirstBatch:
 
     def submit(self, jobs: Any, *, batch_started: float | None = None) -> Any:
         """Scores when `result()` is called, so failures surface where the engine's queued batch raises them."""
-        return SimpleNamespace(result=partial(self.score_prepared, jobs, batch_started=batch_started))
+        return SimpleNamespace(
+            result=partial(self.score_prepared, jobs, batch_started=batch_started), fully_queued=True
+        )
 
     def score_prepared(self, jobs: Sequence[PreparedJob], *, batch_started: float | None = None) -> list[JobScores]:
         self.calls += 1

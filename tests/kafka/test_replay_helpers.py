@@ -312,7 +312,9 @@ class PoisonEngine:
 
     def submit(self, jobs: Any, *, batch_started: float | None = None) -> Any:
         """Scores when `result()` is called, so failures surface where the engine's queued batch raises them."""
-        return SimpleNamespace(result=partial(self.score_prepared, jobs, batch_started=batch_started))
+        return SimpleNamespace(
+            result=partial(self.score_prepared, jobs, batch_started=batch_started), fully_queued=True
+        )
 
     def score_prepared(self, jobs: Any, *, batch_started: float | None = None) -> Any:
         self.batches.append(len(jobs))

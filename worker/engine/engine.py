@@ -1,11 +1,11 @@
 """RerankEngine: queries and documents in, scores and pack statistics out. Knows nothing of Kafka.
 
 Steps, each a method: `prepare` (drop blanks, de-duplicate, tokenize), `plan_packs` (cross-job packing under the
-token budget), `launch_packs` (queue one forward per pack on the device), `gather_scores` (wait for them),
-`collect` (scores back to every input document, statistics). `score` does all of them; `submit` stops after the
-launch and returns a `ScoringBatch` whose `result()` does the rest, so a caller can queue the next batch before
-it waits for this one and the device never idles between batches (the worker's GPU thread and the stream
-benchmark do). The worker calls `prepare` on another thread while the GPU runs.
+token budget), `run_packs` (one forward per pack, each queued on the device before the host waits for the one
+ahead), `collect` (scores back to every input document, statistics). `score` does all of them; `submit` plans and
+queues the first pack and returns a `ScoringBatch` whose `result()` does the rest, so a caller can queue the next
+one-pack batch before it waits for this one and the device never idles between batches (the worker's GPU thread
+and the stream benchmark do). The worker calls `prepare` on another thread while the GPU runs.
 """
 
 from __future__ import annotations
@@ -69,19 +69,28 @@ class EngineInfo:
 
 @dataclass(frozen=True)
 class ScoringBatch:
-    """A batch whose packs are queued on the device (`RerankEngine.submit`); `result()` waits for them."""
+    """A planned batch whose first pack is queued on the device (`RerankEngine.submit`); `result()` queues the
+    others, each before waiting for the one ahead, and collects. So the host never runs more than a pack ahead
+    of the device: queuing many packs at once made `submit` block for most of the batch before (measured on an
+    H100 with 8 packs; cause not found). A caller that pipelines batches queues the next one only once this one is
+    `fully_queued`, so that a batch's packs run in order and its results never wait for the next batch's."""
 
     engine: RerankEngine
     jobs: Sequence[PreparedJob]
     packs: Sequence[Pack]
-    pending: Sequence[PendingScores]
+    first: PendingScores | None
     submitted: float  # perf_counter() when `submit` began
     batch_started: float
+
+    @property
+    def fully_queued(self) -> bool:
+        """Whether `submit` queued every pack (batches of one pack, the common case)."""
+        return len(self.packs) <= 1
 
     def result(self) -> list[JobScores]:
         """Per job, its scores and statistics. `inference_ms` runs from `submit` to here: where batches are queued
         back to back, it includes the wait behind the batch before on the device."""
-        unique_scores = self.engine.gather_scores(self.jobs, self.packs, self.pending)
+        unique_scores = self.engine.run_packs(self.jobs, self.packs, self.first)
         inference_ms = (time.perf_counter() - self.submitted) * 1e3
         return self.engine.collect(
             self.jobs, self.packs, unique_scores, inference_ms=inference_ms, batch_started=self.batch_started
@@ -244,32 +253,34 @@ class RerankEngine:
     def plan_packs(self, jobs: Sequence[PreparedJob]) -> list[Pack]:
         return plan_packs(jobs, len(self.tokenizer.suffix_ids), self.max_batch_tokens)
 
-    def launch_packs(self, jobs: Sequence[PreparedJob], packs: Sequence[Pack]) -> list[PendingScores]:
-        """Queue every pack's forward on the device. Returns once they are queued (on the graph path the host may
-        wait for the device only to reuse a staging buffer, so it runs at most a pack ahead)."""
-        suffix, pad = self.tokenizer.suffix_ids, self.scorer.pad_to_multiple
-        return [self.scorer.launch_pack(build_pack_arrays(pack, jobs, suffix, pad, pad_id=0)) for pack in packs]
+    def launch_pack(self, jobs: Sequence[PreparedJob], pack: Pack) -> PendingScores:
+        """Queue one pack's forward on the device (on the graph path without waiting for the device)."""
+        arrays = build_pack_arrays(pack, jobs, self.tokenizer.suffix_ids, self.scorer.pad_to_multiple, pad_id=0)
+        return self.scorer.launch_pack(arrays)
 
-    def gather_scores(
-        self, jobs: Sequence[PreparedJob], packs: Sequence[Pack], pending: Sequence[PendingScores]
+    def run_packs(
+        self, jobs: Sequence[PreparedJob], packs: Sequence[Pack], first: PendingScores | None = None
     ) -> list[np.ndarray]:
-        """Wait for every pack's scores; returns per job the scores of its unique documents (float32)."""
+        """Forward every pack; returns per job the scores of its unique documents (float32). Each pack is queued
+        before the host waits for the one ahead of it: the device goes from pack to pack without waiting for the
+        host, and the host runs one pack ahead at most. `first`: the first pack, where `submit` queued it."""
         unique_scores = [np.full(len(job.unique_docs), np.nan, dtype=np.float32) for job in jobs]
-        for pack, scored in zip(packs, pending, strict=True):
-            scores = scored.result()  # [num_docs in pack order]
+        pending = first if first is not None or not packs else self.launch_pack(jobs, packs[0])
+        for i, pack in enumerate(packs):
+            following = self.launch_pack(jobs, packs[i + 1]) if i + 1 < len(packs) else None
+            if pending is None:
+                raise RuntimeError("a pack was never queued. This is a bug.")
+            scores = pending.result()  # [num_docs in pack order]
             offset = 0
             for group in pack.groups:
                 n = len(group.docs)
                 unique_scores[group.job][list(group.docs)] = scores[offset : offset + n]
                 offset += n
+            pending = following
         for scores in unique_scores:
             if np.isnan(scores).any():
                 raise RuntimeError("a document was planned into no pack or scored NaN. This is a bug.")
         return unique_scores
-
-    def run_packs(self, jobs: Sequence[PreparedJob], packs: Sequence[Pack]) -> list[np.ndarray]:
-        """Forward every pack and wait; returns per job the scores of its unique documents (float32)."""
-        return self.gather_scores(jobs, packs, self.launch_packs(jobs, packs))
 
     def collect(
         self,
@@ -329,10 +340,10 @@ class RerankEngine:
         return self.submit(jobs, batch_started=batch_started).result()
 
     def submit(self, jobs: Sequence[PreparedJob], *, batch_started: float | None = None) -> ScoringBatch:
-        """Plan the batch and queue its packs on the device; `result()` of the returned batch waits and collects.
-        Errors of planning and of queuing (an invalid job, CUDA out of memory outside the graphs) raise here,
-        errors the device reports raise from `result()`."""
+        """Plan the batch and queue its first pack on the device; `result()` of the returned batch queues the
+        others, waits and collects. Errors of planning and of the first pack's queuing raise here, the rest (CUDA
+        out of memory outside the graphs, errors the device reports) from `result()`."""
         started = time.perf_counter()
         packs = self.plan_packs(jobs)
-        pending = self.launch_packs(jobs, packs)
-        return ScoringBatch(self, jobs, packs, pending, started, batch_started or started)
+        first = self.launch_pack(jobs, packs[0]) if packs else None
+        return ScoringBatch(self, jobs, packs, first, started, batch_started or started)

@@ -481,8 +481,6 @@ class PackGraphs:
         # bucket -> [6, L] int64 on the device: ids, positions, the 3 ranges (what the graph reads), then the
         # document-end rows (what the tail after the replay reads)
         self.inputs: dict[int, Tensor] = {}
-        self.staging: dict[int, Tensor] = {}  # bucket -> the same in pinned host memory
-        self.copied: dict[int, torch.cuda.Event] = {}  # bucket -> recorded after the last copy out of its staging
         self.padding_segments = np.arange(buckets[-1], dtype=np.int64)
         # outside the graphs' pool: every graph writes the first `bucket` rows, nothing is kept per bucket
         longest, device, dtype = buckets[-1], scorer.device, scorer.dtype
@@ -506,8 +504,6 @@ class PackGraphs:
         rows = torch.arange(bucket, device=device)
         # a cheap valid pack to record with: every token its own one-token segment, no head
         self.inputs[bucket] = torch.stack([torch.zeros_like(rows), torch.zeros_like(rows), rows, rows, rows, rows])
-        self.staging[bucket] = torch.empty((6, bucket), dtype=torch.int64).pin_memory()
-        self.copied[bucket] = torch.cuda.Event()  # type: ignore[no-untyped-call]
         side = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
@@ -525,10 +521,10 @@ class PackGraphs:
         bucket = next(b for b in self.buckets if b >= n)
         if len(ends) > bucket:
             raise ValueError(f"{len(ends)} document ends in a {bucket}-token bucket. This is a bug.")
-        # The staging buffer is reused: wait until the copy out of it for this bucket's previous pack ran (at most
-        # the pack queued before this one: a caller queues one ahead while the device works).
-        self.copied[bucket].synchronize()
-        staging = self.staging[bucket].numpy()
+        # Pinned staging from torch's caching host allocator: a block goes back to the cache only once the copy
+        # queued from it has run, so packs queue without the host ever waiting for the device.
+        pinned = torch.empty((6, bucket), dtype=torch.int64, pin_memory=True)
+        staging = pinned.numpy()
         for row, values in enumerate(device_rows(arrays)):
             staging[row, :n] = values[:n]
         staging[:2, n:] = 0
@@ -536,8 +532,7 @@ class PackGraphs:
         staging[4, n:] = self.padding_segments[n:bucket]  # ... and each token its own segment (one key)
         staging[5, : len(ends)] = ends
         inputs = self.inputs[bucket]
-        inputs.copy_(self.staging[bucket], non_blocking=True)
-        self.copied[bucket].record()
+        inputs.copy_(pinned, non_blocking=True)
         # Inputs, outputs and the tail's reads are all ordered on this one stream: a pack queued behind this one
         # overwrites them only after this pack's tail has read them.
         self.graphs[bucket].replay()

@@ -23,6 +23,9 @@ SUFFIX_TOKENS_ESTIMATE = 9
 class Submitted(Protocol):
     """A batch queued on the device (`RerankEngine.submit` returns a `ScoringBatch`)."""
 
+    @property
+    def fully_queued(self) -> bool: ...
+
     def result(self) -> list[JobScores]: ...
 
 

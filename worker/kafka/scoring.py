@@ -7,7 +7,9 @@ Tokenizing happens in the consumer thread, so the next batch is prepared while t
 
 One batch ahead: the thread queues the next batch on the device (`engine.submit`) before it waits for the one
 already there, so the device goes from one batch to the next without waiting for the host to collect, publish
-and launch in between. With nothing new to queue it waits for the batch in flight at once (no added latency).
+and launch in between. With nothing new to queue it waits for the batch in flight at once (no added latency). A
+batch of several packs (the engine queues them one ahead while its result is taken) is finished first, so its
+packs run in order and its results never wait for the next batch's.
 That queued run is each batch's first try; any error in it sends the batch down the path below.
 
 Errors, per batch:
@@ -78,6 +80,10 @@ class InFlight:
     submitted: Submitted | None
     error: Exception | None = None
 
+    @property
+    def fully_queued(self) -> bool:
+        return self.submitted is None or self.submitted.fully_queued
+
     def result(self) -> list[JobScores]:
         if self.submitted is None:
             raise self.error or RuntimeError("a batch neither queued nor failed. This is a bug.")
@@ -125,6 +131,9 @@ class Scorer(threading.Thread):
                 stopping = self.stop_event.is_set()
                 # with a batch on the device, take only what is already queued: never hold its result back
                 batch = [] if stopping else self.gather(first_wait_s=0.0 if in_flight else 0.1)
+                if batch and in_flight is not None and not in_flight.fully_queued:
+                    self.score_batch(in_flight.batch, in_flight)  # its other packs go first
+                    in_flight = None
                 queued = self.submit(batch) if batch else None
                 if queued is not None:
                     self.busy.set()
