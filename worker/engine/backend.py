@@ -33,17 +33,27 @@ class BackendInfo:
     cuda_graphs: int = 0  # pack-length buckets captured as CUDA graphs
 
 
+def device_mark(device: torch.device) -> torch.cuda.Event | None:
+    """A timing event recorded now on the device's current stream (None off CUDA): where a pack's work begins."""
+    if device.type != "cuda":
+        return None
+    mark = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+    mark.record(torch.cuda.current_stream(device))
+    return mark
+
+
 class PendingScores:
     """One pack's P(yes) per document on its way to the host. On CUDA the copy into pinned memory is queued behind
     the pack's forward and nothing waits for it until `result()`, so the caller can queue the next pack first and
     the device never idles between packs. On CPU the scores are already there."""
 
-    def __init__(self, probs: Tensor) -> None:
+    def __init__(self, probs: Tensor, started: torch.cuda.Event | None = None) -> None:
+        self.started = started  # `device_mark` before the pack's work, for `device_ms`
         self._done: torch.cuda.Event | None = None
         if probs.device.type == "cuda":
             host = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)
             host.copy_(probs, non_blocking=True)
-            self._done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self._done = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
             self._done.record(torch.cuda.current_stream(probs.device))  # the stream the copy was queued on
             probs = host
         self._host = probs
@@ -53,6 +63,13 @@ class PendingScores:
         if self._done is not None:
             self._done.synchronize()
         return self._host.numpy()
+
+    def device_ms(self, first: PendingScores) -> float | None:
+        """Device time from the start of `first`'s work to the end of this pack's (after `result()`): the forward
+        passes alone, not the wait behind work queued before them. None off CUDA."""
+        if first.started is None or self._done is None:
+            return None
+        return float(first.started.elapsed_time(self._done))
 
 
 class PackScorer(Protocol):
@@ -225,6 +242,7 @@ class TorchScorer:
 
     @torch.inference_mode()
     def launch_pack(self, arrays: PackArrays) -> PendingScores:
+        started = device_mark(self.device)
         to: dict[str, Any] = {"device": self.device, "non_blocking": True}
         input_ids = torch.from_numpy(arrays.input_ids).to(**to).view(1, -1)  # [1, L]
         position_ids = torch.from_numpy(arrays.position_ids).to(**to).view(1, -1)  # [1, L]
@@ -235,4 +253,4 @@ class TorchScorer:
         hidden = self.decoder(
             input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False
         ).last_hidden_state[0, ends]  # [num_docs, hidden]
-        return PendingScores(torch.sigmoid(hidden.float() @ self.yes_minus_no))  # [num_docs], fp32
+        return PendingScores(torch.sigmoid(hidden.float() @ self.yes_minus_no), started)  # [num_docs], fp32

@@ -88,10 +88,10 @@ class ScoringBatch:
         return len(self.packs) <= 1
 
     def result(self) -> list[JobScores]:
-        """Per job, its scores and statistics. `inference_ms` runs from `submit` to here: where batches are queued
-        back to back, it includes the wait behind the batch before on the device."""
-        unique_scores = self.engine.run_packs(self.jobs, self.packs, self.first)
-        inference_ms = (time.perf_counter() - self.submitted) * 1e3
+        """Per job, its scores and statistics. `inference_ms`: on CUDA the device time from the first pack's start
+        to the last pack's end (not the wait behind a batch queued before it); elsewhere `submit` to here."""
+        unique_scores, device_ms = self.engine._run_packs(self.jobs, self.packs, self.first)
+        inference_ms = device_ms if device_ms is not None else (time.perf_counter() - self.submitted) * 1e3
         return self.engine.collect(
             self.jobs, self.packs, unique_scores, inference_ms=inference_ms, batch_started=self.batch_started
         )
@@ -264,13 +264,21 @@ class RerankEngine:
         """Forward every pack; returns per job the scores of its unique documents (float32). Each pack is queued
         before the host waits for the one ahead of it: the device goes from pack to pack without waiting for the
         host, and the host runs one pack ahead at most. `first`: the first pack, where `submit` queued it."""
+        return self._run_packs(jobs, packs, first)[0]
+
+    def _run_packs(
+        self, jobs: Sequence[PreparedJob], packs: Sequence[Pack], first: PendingScores | None
+    ) -> tuple[list[np.ndarray], float | None]:
+        """`run_packs`, and the device time of the packs' forwards (None off CUDA)."""
         unique_scores = [np.full(len(job.unique_docs), np.nan, dtype=np.float32) for job in jobs]
         pending = first if first is not None or not packs else self.launch_pack(jobs, packs[0])
+        opened, device_ms = pending, None
         for i, pack in enumerate(packs):
             following = self.launch_pack(jobs, packs[i + 1]) if i + 1 < len(packs) else None
-            if pending is None:
+            if pending is None or opened is None:
                 raise RuntimeError("a pack was never queued. This is a bug.")
             scores = pending.result()  # [num_docs in pack order]
+            device_ms = pending.device_ms(opened)
             offset = 0
             for group in pack.groups:
                 n = len(group.docs)
@@ -280,7 +288,7 @@ class RerankEngine:
         for scores in unique_scores:
             if np.isnan(scores).any():
                 raise RuntimeError("a document was planned into no pack or scored NaN. This is a bug.")
-        return unique_scores
+        return unique_scores, device_ms
 
     def collect(
         self,

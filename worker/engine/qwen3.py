@@ -414,16 +414,17 @@ class Qwen3PackedScorer:
     def launch_pack(self, arrays: PackArrays) -> PendingScores:
         """Queue the pack's forward; nothing on the graph path waits for the device (the FlashAttention path
         reads no device values either, but its host-side lengths are built from the arrays)."""
-        from worker.engine.backend import PendingScores
+        from worker.engine.backend import PendingScores, device_mark
 
         num_docs = len(arrays.doc_ends)
         # Triton launches on the calling thread's current device, and the GPU thread never set one: cuda:N needs it
         with self._on_device(), torch.inference_mode():
+            started = device_mark(self.device)
             if self.graphs is not None and self.graphs.fits(arrays.num_tokens):
                 logits = self.graphs.run(arrays, self._padded_ends(arrays))
             else:
                 logits = self._forward_eager(arrays)
-            return PendingScores(torch.sigmoid(logits[:num_docs]))
+            return PendingScores(torch.sigmoid(logits[:num_docs]), started)
 
     def _on_device(self) -> contextlib.AbstractContextManager[Any]:
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()

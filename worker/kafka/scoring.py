@@ -7,9 +7,10 @@ Tokenizing happens in the consumer thread, so the next batch is prepared while t
 
 One batch ahead: the thread queues the next batch on the device (`engine.submit`) before it waits for the one
 already there, so the device goes from one batch to the next without waiting for the host to collect, publish
-and launch in between. With nothing new to queue it waits for the batch in flight at once (no added latency). A
-batch of several packs (the engine queues them one ahead while its result is taken) is finished first, so its
-packs run in order and its results never wait for the next batch's.
+and launch in between. It takes only jobs already waiting for that (no `RERANK_BATCH_WAIT_MS`), and with none it
+waits for the batch in flight at once: its results are never held back. Not for a batch of several packs (the
+engine queues them one ahead while its result is taken: its packs run in order and before the next batch's), and
+not on CPU, where the forward runs inside `submit`.
 That queued run is each batch's first try; any error in it sends the batch down the path below.
 
 Errors, per batch:
@@ -116,47 +117,62 @@ class Scorer(threading.Thread):
         self.on_fatal = on_fatal
         self.owned = owned  # jobs of revoked partitions are skipped: their new owner reads them again
         self.shrink = shrink
-        self.stop_event = threading.Event()  # finish the batch in hand, take no other
+        # finish the batches in hand (the one being scored, and one already queued behind it on the device)
+        self.stop_event = threading.Event()
         self.busy = threading.Event()  # set while a batch is queued on the device or being scored
         self._carry: WorkItem | None = None
+        self._abandoned: list[WorkItem] = []  # queued when a fatal error stopped the thread
         self._failed_alone = 0
+        self._fatal = False
         self.budget_tokens = engine.info.max_batch_tokens * settings.batch_max_packs
 
     # -- the thread -----------------------------------------------------------------------------------------------
 
     def run(self) -> None:
+        # One batch ahead only where queuing returns before the device is done (CUDA): on CPU the forward runs
+        # inside `submit`, so queuing the next batch first would only delay this one's results.
+        ahead = self.engine.info.device.startswith("cuda")
         in_flight: InFlight | None = None
         try:
-            while True:
-                stopping = self.stop_event.is_set()
-                # with a batch on the device, take only what is already queued: never hold its result back
-                batch = [] if stopping else self.gather(first_wait_s=0.0 if in_flight else 0.1)
-                if batch and in_flight is not None and not in_flight.fully_queued:
-                    self.score_batch(in_flight.batch, in_flight)  # its other packs go first
-                    in_flight = None
-                queued = self.submit(batch) if batch else None
-                if queued is not None:
-                    self.busy.set()
-                if in_flight is not None:
-                    self.score_batch(in_flight.batch, in_flight)
+            while not self._fatal:
+                if in_flight is None:
+                    if self.stop_event.is_set():
+                        return
+                    batch = self.gather()
+                    in_flight = self.submit(batch) if batch else None
+                    continue
+                self.busy.set()
+                queued = None
+                if ahead and in_flight.fully_queued and not self.stop_event.is_set():
+                    # only jobs already waiting: gathering must not hold back the results of the batch in flight
+                    batch = self.gather(first_wait_s=0.0, fill_wait_s=0.0)
+                    queued = self.submit(batch) if batch else None
+                self.score_batch(in_flight.batch, in_flight)
                 in_flight = queued
                 if in_flight is None:
                     self.busy.clear()
-                    if stopping:
-                        return
+            if in_flight is not None:  # after a fatal error: never scored, never committed, so redelivered
+                self._abandoned = in_flight.batch
         except Exception as e:  # a bug: exit (nothing of the batch was committed) rather than hang
             log.exception("the GPU thread crashed")
-            self.on_fatal(f"the GPU thread crashed: {one_line(e)}. This is a bug.")
+            self._fail(f"the GPU thread crashed: {one_line(e)}. This is a bug.")
+        finally:
+            self.busy.clear()
 
-    def gather(self, first_wait_s: float = 0.1) -> list[WorkItem]:
+    def _fail(self, message: str) -> None:
+        self._fatal = True  # score nothing more: what is left is not committed and will be redelivered
+        self.on_fatal(message)
+
+    def gather(self, first_wait_s: float = 0.1, fill_wait_s: float | None = None) -> list[WorkItem]:
         """Jobs for one batch: the first waits up to `first_wait_s` (briefly, to notice a stop), the rest until
-        budget or deadline."""
+        the token budget or `fill_wait_s` (RERANK_BATCH_WAIT_MS unless given)."""
         first = self._carry or self._get(first_wait_s)
         self._carry = None
         if first is None:
             return []
         batch, tokens = [first], first.tokens
-        deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
+        fill_s = self.settings.batch_wait_ms / 1000 if fill_wait_s is None else fill_wait_s
+        deadline = time.monotonic() + fill_s
         while tokens < self.budget_tokens and not self.stop_event.is_set():
             item = self._get(max(0.0, deadline - time.monotonic()))
             if item is None:
@@ -180,9 +196,9 @@ class Scorer(threading.Thread):
                 return item
 
     def drain(self) -> list[WorkItem]:
-        """After a stop: the jobs that were queued but never started (they will be redelivered)."""
-        left = [self._carry] if self._carry else []
-        self._carry = None
+        """After a stop: the jobs that were queued but never scored (they will be redelivered)."""
+        left = [*self._abandoned, *([self._carry] if self._carry else [])]
+        self._abandoned, self._carry = [], None
         while (item := self._get(0)) is not None:
             left.append(item)
         return left
@@ -221,7 +237,7 @@ class Scorer(threading.Thread):
             log.error("job failed alone: %s", one_line(e), extra=job_fields(batch[0].record, batch[0].job.job_id))
             self.dead_letter(batch[0], failure_from(e, stage="score", attempts=1))
             if self._failed_alone >= FATAL_AFTER_FAILED_JOBS:
-                self.on_fatal(f"{self._failed_alone} jobs in a row failed to score; the device or model is broken: {e}")
+                self._fail(f"{self._failed_alone} jobs in a row failed to score; the device or model is broken: {e}")
             return
         self._failed_alone = 0
         self._record_batch(engine, batch, scored, time.perf_counter() - started)
@@ -230,6 +246,8 @@ class Scorer(threading.Thread):
 
     def _split(self, batch: Sequence[WorkItem]) -> None:
         for item in batch:
+            if self._fatal:  # the rest is not committed: the next owner scores it
+                return
             self.score_batch([item])
 
     @staticmethod
