@@ -151,13 +151,13 @@ class Scorer(threading.Thread):
                 in_flight = queued
                 if in_flight is None:
                     self.busy.clear()
-            if in_flight is not None:  # after a fatal error: never scored, never committed, so redelivered
-                self._abandoned = in_flight.batch
         except Exception as e:  # a bug: exit (nothing of the batch was committed) rather than hang
             log.exception("the GPU thread crashed")
             self._fail(f"the GPU thread crashed: {one_line(e)}. This is a bug.")
         finally:
             self.busy.clear()
+            if in_flight is not None:  # after a fatal error or a crash: never scored or committed, so redelivered
+                self._abandoned = in_flight.batch
 
     def _fail(self, message: str) -> None:
         self._fatal = True  # score nothing more: what is left is not committed and will be redelivered
