@@ -114,6 +114,68 @@ def qk_norm_rotary(
     return q, k, v
 
 
+# Rows of a query tile: BLOCK_M tokens x the GROUP query heads that share one key/value head, so every key block
+# loaded feeds GROUP heads at once and the matmuls are 128 rows tall whatever the grouping.
+PACK_TILE_ROWS = 128
+LOG2_E = 1.4426950408889634  # the attention kernels' softmax runs in base 2: exp(x) = exp2(x * log2(e))
+
+
+@triton.jit
+def _attend_block(q, kt, vt, visible, m, denom, acc, qk_scale, DOT_PRECISION: tl.constexpr):
+    """One key block of an online softmax in base 2: the running max `m`, denominator and output sum, updated."""
+    scores = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION) * qk_scale
+    scores = tl.where(visible, scores, float("-inf"))
+    m_new = tl.maximum(m, tl.max(scores, 1))
+    alpha = tl.math.exp2(m - m_new)
+    p = tl.math.exp2(scores - m_new[:, None])
+    denom = denom * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
+    return m_new, denom, acc
+
+
+@triton.jit
+def _attend_heads(
+    q,
+    k_ptr,
+    v_ptr,
+    stride_k,
+    stride_v,
+    kv,
+    is_doc,
+    head_start,
+    head_end,
+    length,
+    m,
+    denom,
+    acc,
+    qk_scale,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Document rows (`is_doc`) over their group's head [head_start, head_end), continuing an online softmax in
+    base 2. One pass per group (job) among the rows: a block straddling two jobs must not walk the keys between
+    their heads (the earlier job's documents, all masked out)."""
+    dims = tl.arange(0, D)
+    group_lo = tl.min(tl.where(is_doc, head_start, length), 0)
+    while group_lo < length:
+        in_group = is_doc & (head_start == group_lo)  # these rows' head is exactly [group_lo, group_hi)
+        group_hi = tl.max(tl.where(in_group, head_end, 0), 0)
+        for start in range(group_lo, group_hi, BLOCK_N):
+            keys = start + tl.arange(0, BLOCK_N)
+            keys64 = keys.to(tl.int64)
+            in_range = keys < group_hi
+            k_at = k_ptr + keys64[:, None] * stride_k + kv * D + dims[None, :]
+            kt = tl.load(k_at, mask=in_range[:, None], other=0.0)
+            vt = tl.load(v_ptr + keys64[:, None] * stride_v + kv * D + dims[None, :], mask=in_range[:, None], other=0.0)
+            # Only this group's rows, and only keys inside its head: the last key block can run on into the next
+            # job's head (loaded as zeros), which that job's rows must not count here.
+            visible = in_group[:, None] & in_range[None, :]
+            m, denom, acc = _attend_block(q, kt, vt, visible, m, denom, acc, qk_scale, DOT_PRECISION)
+        group_lo = tl.min(tl.where(is_doc & (head_start > group_lo), head_start, length), 0)
+    return m, denom, acc
+
+
 @triton.autotune(
     configs=_configs(
         [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s) for m in (64, 128) for w in (4, 8) for s in (1, 2)]
@@ -136,7 +198,7 @@ def _head_attention_merge_kernel(
     stride_v,
     stride_o,
     stride_lse,
-    scale,
+    qk_scale,  # softmax scale x log2(e): the head pass works in base 2
     H: tl.constexpr,
     KV: tl.constexpr,
     D: tl.constexpr,
@@ -161,38 +223,17 @@ def _head_attention_merge_kernel(
     out_at = out_ptr + rows64[:, None] * stride_o + h * D + dims[None, :]
     own = tl.load(out_at, mask=is_doc[:, None], other=0.0)
     own_lse = tl.load(lse_ptr + h * stride_lse + rows, mask=is_doc, other=0.0)
-    m = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: a row with no key yet keeps exp(m - m_new) = 1
+    m = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: a row with no key yet keeps exp2(m - m_new) = 1
     denom = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    # One pass per group (job) among the block's document rows, over that group's head only: a block straddling
-    # two jobs must not walk the keys between their heads (the earlier job's documents, all masked out).
-    group_lo = tl.min(tl.where(is_doc, head_start, length), 0)
-    while group_lo < length:
-        in_group = is_doc & (head_start == group_lo)  # these rows' head is exactly [group_lo, group_hi)
-        group_hi = tl.max(tl.where(in_group, head_end, 0), 0)
-        for start in range(group_lo, group_hi, BLOCK_N):
-            keys = start + tl.arange(0, BLOCK_N)
-            keys64 = keys.to(tl.int64)
-            in_range = keys < group_hi
-            k_at = k_ptr + keys64[:, None] * stride_k + kv * D + dims[None, :]
-            kt = tl.load(k_at, mask=in_range[:, None], other=0.0)
-            scores = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION) * scale
-            # Only this group's rows, and only keys inside its head: the last key block can run on into the next
-            # job's head (loaded as zeros), which that job's rows must not count here.
-            visible = in_group[:, None] & in_range[None, :]
-            scores = tl.where(visible, scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, 1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(scores - m_new[:, None])
-            denom = denom * alpha + tl.sum(p, 1)
-            v_at = v_ptr + keys64[:, None] * stride_v + kv * D + dims[None, :]
-            vt = tl.load(v_at, mask=in_range[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
-            m = m_new
-        group_lo = tl.min(tl.where(is_doc & (head_start > group_lo), head_start, length), 0)
-    top = tl.maximum(m, own_lse)
-    own_w = tl.exp(own_lse - top)
-    head_w = tl.exp(m - top)
+    m, denom, acc = _attend_heads(
+        q, k_ptr, v_ptr, stride_k, stride_v, kv, is_doc, head_start, head_end, length, m, denom, acc, qk_scale,
+        D, BLOCK_N, DOT_PRECISION,
+    )  # fmt: skip
+    own_lse2 = own_lse * 1.4426950408889634  # LOG2_E: natural log-sum-exp -> base 2, the head pass's units
+    top = tl.maximum(m, own_lse2)
+    own_w = tl.math.exp2(own_lse2 - top)
+    head_w = tl.math.exp2(m - top)
     merged = (own.to(tl.float32) * own_w[:, None] + acc * head_w[:, None]) / (own_w + denom * head_w)[:, None]
     tl.store(out_at, merged.to(own.dtype), mask=is_doc[:, None])
 
@@ -223,29 +264,11 @@ def head_attention_merge(
     # BLOCK_N fixed (not tuned): it sets where the online softmax is cut, so it must not vary between machines
     _head_attention_merge_kernel[grid](
         q, k, v, own, own_lse, head_start, head_end, length,
-        q.stride(0), k.stride(0), v.stride(0), own.stride(0), own_lse.stride(0), scale,
+        q.stride(0), k.stride(0), v.stride(0), own.stride(0), own_lse.stride(0), scale * LOG2_E,
         H=heads, KV=kv_heads, D=head_dim, BLOCK_N=64,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (tf32 drops 13 bits)
     )  # fmt: skip
     return own
-
-
-# Rows of a query tile: BLOCK_M tokens x the GROUP query heads that share one key/value head, so every key block
-# loaded feeds GROUP heads at once and the matmuls are 128 rows tall whatever the grouping.
-PACK_TILE_ROWS = 128
-
-
-@triton.jit
-def _attend_block(q, kt, vt, visible, m, denom, acc, qk_scale, DOT_PRECISION: tl.constexpr):
-    """One key block of an online softmax in base 2: the running max `m`, denominator and output sum, updated."""
-    scores = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION) * qk_scale
-    scores = tl.where(visible, scores, float("-inf"))
-    m_new = tl.maximum(m, tl.max(scores, 1))
-    alpha = tl.math.exp2(m - m_new)
-    p = tl.math.exp2(scores - m_new[:, None])
-    denom = denom * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
-    return m_new, denom, acc
 
 
 @triton.autotune(
@@ -302,24 +325,11 @@ def _pack_attention_kernel(
         vt = tl.load(v_ptr + keys64[:, None] * stride_v + kv * D + dims[None, :], mask=in_range[:, None], other=0.0)
         visible = (keys[None, :] >= segment_start[:, None]) & (keys[None, :] <= rows[:, None])
         m, denom, acc = _attend_block(q, kt, vt, visible, m, denom, acc, qk_scale, DOT_PRECISION)
-    # 2. document rows over their group's head, one group (job) at a time: a block straddling two jobs must not walk
-    # the keys between their heads
-    group_lo = tl.min(tl.where(is_doc, head_start, length), 0)
-    while group_lo < length:
-        in_group = is_doc & (head_start == group_lo)  # these rows' head is exactly [group_lo, group_hi)
-        group_hi = tl.max(tl.where(in_group, head_end, 0), 0)
-        for start in range(group_lo, group_hi, BLOCK_N):
-            keys = start + tl.arange(0, BLOCK_N)
-            keys64 = keys.to(tl.int64)
-            in_range = keys < group_hi
-            k_at = k_ptr + keys64[:, None] * stride_k + kv * D + dims[None, :]
-            kt = tl.load(k_at, mask=in_range[:, None], other=0.0)
-            vt = tl.load(v_ptr + keys64[:, None] * stride_v + kv * D + dims[None, :], mask=in_range[:, None], other=0.0)
-            # Only this group's rows, and only keys inside its head: the last key block can run on into the next
-            # job's head (loaded as zeros), which that job's rows must not count here.
-            visible = in_group[:, None] & in_range[None, :]
-            m, denom, acc = _attend_block(q, kt, vt, visible, m, denom, acc, qk_scale, DOT_PRECISION)
-        group_lo = tl.min(tl.where(is_doc & (head_start > group_lo), head_start, length), 0)
+    # 2. document rows over their group's head
+    m, denom, acc = _attend_heads(
+        q, k_ptr, v_ptr, stride_k, stride_v, kv, is_doc, head_start, head_end, length, m, denom, acc, qk_scale,
+        D, BLOCK_N, DOT_PRECISION,
+    )  # fmt: skip
     out = acc / tl.maximum(denom, 1.0e-30)[:, None]  # every live row sees at least itself: denom >= 1
     out_at = out_ptr + rows64[:, None] * stride_o + heads[:, None] * D + dims[None, :]
     tl.store(out_at, out.to(out_ptr.dtype.element_ty), mask=live[:, None])
@@ -369,7 +379,7 @@ def pack_attention(
     # BLOCK_N fixed per call (not tuned): it sets where the online softmax is cut, so it must not vary by machine
     _pack_attention_kernel[(triton.cdiv(length, block_m), kv_heads)](
         q, k, v, out, head_start, head_end, segment_start, length,
-        q.stride(0), k.stride(0), v.stride(0), out.stride(0), scale * 1.4426950408889634,
+        q.stride(0), k.stride(0), v.stride(0), out.stride(0), scale * LOG2_E,
         H=heads, KV=kv_heads, D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (tf32 drops 13 bits)
     )  # fmt: skip
