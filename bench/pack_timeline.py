@@ -18,19 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.cpu_side import median_ms as host_ms  # median host time of fn, after one warm-up call
 from bench.workloads import make_job
 from worker.engine import RerankEngine
 from worker.engine.plan import build_pack_arrays
 from worker.offline import build_random_reranker
-
-
-def host_ms(fn: Callable[[], object], reps: int = 20) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return round(statistics.median(times) * 1e3, 3)
 
 
 def device_ms(fn: Callable[[], object], reps: int = 10) -> float:
@@ -122,8 +114,8 @@ def main() -> None:
         "pack_tokens": arrays.num_tokens,
         "packs": len(packs),
         "host_prepare_ms": host_ms(lambda: engine.prepare(requests[0]), 10),
-        "host_plan_ms": host_ms(lambda: engine.plan_packs([prepared])),
-        "host_pack_arrays_ms": host_ms(lambda: build_pack_arrays(packs[0], [prepared], suffix, 1, pad_id=0)),
+        "host_plan_ms": host_ms(lambda: engine.plan_packs([prepared]), 20),
+        "host_pack_arrays_ms": host_ms(lambda: build_pack_arrays(packs[0], [prepared], suffix, 1, pad_id=0), 20),
         "score_pack_ms": device_ms(lambda: scorer.score_pack(arrays)),
         "launch_pack_host_ms": host_ms(lambda: scorer.launch_pack(arrays), 5),
         "score_prepared_ms": device_ms(lambda: engine.score_prepared([prepared])),
@@ -139,7 +131,7 @@ def main() -> None:
             x, att = graphs.x_out[:bucket], graphs.attended_out[:bucket]
             ends_t = torch.from_numpy(ends).cuda()
             row["tail_ms"] = device_ms(lambda: scorer.forward_tail(x, att, ends_t))
-            row["graph_run_host_ms"] = host_ms(lambda: graphs.run(arrays, ends))  # launches only, no sync
+            row["graph_run_host_ms"] = host_ms(lambda: graphs.run(arrays, ends), 20)  # launches only, no sync
             torch.cuda.synchronize()
     print(json.dumps(row), flush=True)
 
