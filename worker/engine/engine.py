@@ -271,24 +271,20 @@ class RerankEngine:
     ) -> tuple[list[np.ndarray], float | None]:
         """`run_packs`, and the device time of the packs' forwards (None off CUDA)."""
         unique_scores = [np.full(len(job.unique_docs), np.nan, dtype=np.float32) for job in jobs]
-        pending = first if first is not None or not packs else self.launch_pack(jobs, packs[0])
-        opened, device_ms = pending, None
+        pending = [first if first is not None else self.launch_pack(jobs, packs[0])] if packs else []
         for i, pack in enumerate(packs):
-            following = self.launch_pack(jobs, packs[i + 1]) if i + 1 < len(packs) else None
-            if pending is None or opened is None:
-                raise RuntimeError("a pack was never queued. This is a bug.")
-            scores = pending.result()  # [num_docs in pack order]
-            device_ms = pending.device_ms(opened)
+            if i + 1 < len(packs):
+                pending.append(self.launch_pack(jobs, packs[i + 1]))  # queued before waiting for pack i
+            scores = pending[i].result()  # [num_docs in pack order]
             offset = 0
             for group in pack.groups:
                 n = len(group.docs)
                 unique_scores[group.job][list(group.docs)] = scores[offset : offset + n]
                 offset += n
-            pending = following
         for scores in unique_scores:
             if np.isnan(scores).any():
                 raise RuntimeError("a document was planned into no pack or scored NaN. This is a bug.")
-        return unique_scores, device_ms
+        return unique_scores, pending[-1].device_ms(pending[0]) if pending else None
 
     def collect(
         self,
