@@ -470,7 +470,8 @@ def graph_buckets(max_tokens: int) -> list[int]:
 
 class PackGraphs:
     """CUDA graphs of `forward_body`, one per length bucket, sharing one memory pool and one pair of output tensors
-    (they never run at once, and each replay's outputs are read before the next replay). A pack is padded to its
+    (all on one stream: replays never overlap, and each replay's outputs are read before the next replay, in
+    stream order, so packs can be queued back to back). A pack is padded to its
     bucket: each padding token is its own one-token segment with an empty head, so real rows never see it and it
     costs the attention one key. Replaying costs one launch instead of a few hundred, so the host is free while the
     GPU works."""
