@@ -32,7 +32,7 @@ def _configs(configs: list[triton.Config]) -> list[triton.Config]:
 
 
 @triton.autotune(
-    configs=_configs([triton.Config({"BLOCK_T": t}, num_warps=w) for t in (32, 16, 64) for w in (4, 2, 8)]),
+    configs=_configs([triton.Config({"BLOCK_R": r}, num_warps=w) for r in (128, 64, 256) for w in (4, 8)]),
     key=["H", "KV", "D"],  # not the length: a new pack length must not tune again
 )
 @triton.jit
@@ -50,41 +50,49 @@ def _qk_norm_rotary_kernel(
     H: tl.constexpr,
     KV: tl.constexpr,
     D: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
-    block = tl.program_id(0)
-    head = tl.program_id(1)  # 0..H-1: q heads, H..H+KV-1: k heads
+    # A program takes BLOCK_R consecutive (token, head) rows, head fastest: its loads and stores are whole runs of
+    # each token's q/k and a token's cos/sin are read once, then hit in cache. (One program per token block and head
+    # re-read every cos/sin row once per head: 220 vs 147 us per layer of a 32k-token pack on an H100.)
+    HEADS: tl.constexpr = H + KV
     HALF: tl.constexpr = D // 2
-    rows = block * BLOCK_T + tl.arange(0, BLOCK_T)
-    live = rows < length
+    pairs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    token = pairs // HEADS
+    head = pairs % HEADS  # 0..H-1: q heads, H..H+KV-1: k heads
+    live = token < length
+    token64 = token.to(tl.int64)
     cols = tl.arange(0, HALF)
-    src = qkv_ptr + rows[:, None].to(tl.int64) * stride_qkv + head * D + cols[None, :]
+    src = qkv_ptr + token64[:, None] * stride_qkv + head[:, None] * D + cols[None, :]
     lo = tl.load(src, mask=live[:, None], other=0.0)
     hi = tl.load(src + HALF, mask=live[:, None], other=0.0)
     dtype = lo.dtype
     lo = lo.to(tl.float32)
     hi = hi.to(tl.float32)
     inv_rms = tl.rsqrt((tl.sum(lo * lo, 1) + tl.sum(hi * hi, 1)) / D + eps)
-    which = (head >= H).to(tl.int32)
-    w_lo = tl.load(norm_ptr + which * D + cols).to(tl.float32)
-    w_hi = tl.load(norm_ptr + which * D + HALF + cols).to(tl.float32)
+    weights = norm_ptr + (head >= H).to(tl.int32)[:, None] * D + cols[None, :]
+    w_lo = tl.load(weights).to(tl.float32)
+    w_hi = tl.load(weights + HALF).to(tl.float32)
     # eager: weight * (x * rsqrt(var + eps)).to(dtype), a dtype product
-    n_lo = (w_lo[None, :] * (lo * inv_rms[:, None]).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-    n_hi = (w_hi[None, :] * (hi * inv_rms[:, None]).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-    rot = rows[:, None].to(tl.int64) * stride_rot + cols[None, :]
+    n_lo = (w_lo * (lo * inv_rms[:, None]).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    n_hi = (w_hi * (hi * inv_rms[:, None]).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    rot = token64[:, None] * stride_rot + cols[None, :]
     c_lo = tl.load(cos_ptr + rot, mask=live[:, None], other=0.0).to(tl.float32)
     c_hi = tl.load(cos_ptr + rot + HALF, mask=live[:, None], other=0.0).to(tl.float32)
     s_lo = tl.load(sin_ptr + rot, mask=live[:, None], other=0.0).to(tl.float32)
     s_hi = tl.load(sin_ptr + rot + HALF, mask=live[:, None], other=0.0).to(tl.float32)
     # eager: x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x_hi, x_lo); each product and the sum rounded
-    out_lo = (n_lo * c_lo).to(dtype).to(tl.float32) + (-n_hi * s_lo).to(dtype).to(tl.float32)
-    out_hi = (n_hi * c_hi).to(dtype).to(tl.float32) + (n_lo * s_hi).to(dtype).to(tl.float32)
-    if head < H:
-        dst = q_ptr + rows[:, None].to(tl.int64) * (H * D) + head * D + cols[None, :]
-    else:
-        dst = k_ptr + rows[:, None].to(tl.int64) * (KV * D) + (head - H) * D + cols[None, :]
-    tl.store(dst, out_lo.to(dtype), mask=live[:, None])
-    tl.store(dst + HALF, out_hi.to(dtype), mask=live[:, None])
+    out_lo = ((n_lo * c_lo).to(dtype).to(tl.float32) + (-n_hi * s_lo).to(dtype).to(tl.float32)).to(dtype)
+    out_hi = ((n_hi * c_hi).to(dtype).to(tl.float32) + (n_lo * s_hi).to(dtype).to(tl.float32)).to(dtype)
+    is_q = head < H
+    q_at = q_ptr + token64[:, None] * (H * D) + head[:, None] * D + cols[None, :]
+    k_at = k_ptr + token64[:, None] * (KV * D) + (head - H)[:, None] * D + cols[None, :]
+    to_q = (live & is_q)[:, None]
+    to_k = (live & ~is_q)[:, None]
+    tl.store(q_at, out_lo, mask=to_q)
+    tl.store(q_at + HALF, out_hi, mask=to_q)
+    tl.store(k_at, out_lo, mask=to_k)
+    tl.store(k_at + HALF, out_hi, mask=to_k)
 
 
 def qk_norm_rotary(
@@ -104,8 +112,12 @@ def qk_norm_rotary(
     q = torch.empty(length, heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     k = torch.empty(length, kv_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
 
-    def grid(meta: dict[str, int]) -> tuple[int, int]:
-        return (triton.cdiv(length, meta["BLOCK_T"]), heads + kv_heads)
+    pairs = length * (heads + kv_heads)
+    if pairs >= 2**31:
+        raise ValueError(f"qk_norm_rotary takes fewer than 2**31 (token, head) rows, not {pairs}")
+
+    def grid(meta: dict[str, int]) -> tuple[int]:
+        return (triton.cdiv(pairs, meta["BLOCK_R"]),)
 
     _qk_norm_rotary_kernel[grid](
         qkv, cos, sin, norms, q, k, length, qkv.stride(0), cos.stride(0), eps, H=heads, KV=kv_heads, D=head_dim
