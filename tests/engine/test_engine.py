@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -268,11 +269,19 @@ if torch.cuda.is_available():  # the half-precision kernels and graphs exist onl
         assert replays >= 2 * len(requests)  # one per pack (a job may span two)
         # Queued back to back before any result is read (as the worker's GPU thread does): each pack's inputs,
         # outputs and tail must still be its own, though buckets and the output buffers are shared.
+        span_started = time.perf_counter()
         queued = [engine.submit([engine.prepare(r)]) for r in requests + requests[::-1]]
         results = [batch.result()[0] for batch in queued]
+        span_ms = (time.perf_counter() - span_started) * 1e3
         gap = largest_gap(results, before + before[::-1])
         print(f"queued graphs vs kernel-by-kernel: {gap:.2e}")
         assert gap <= 2e-3
+        # inference_ms is each batch's own device time, not the wait behind the batches queued before it: on one
+        # stream those times do not overlap, so they add up to less than the span (from submit they would not)
+        device_ms = [r.stats.inference_ms for r in results]
+        print(f"queued: inference_ms {device_ms}, span {span_ms:.1f} ms")
+        assert all(ms > 0 for ms in device_ms)
+        assert sum(device_ms) < span_ms
 
     @pytest.mark.parametrize("attention", ["triton", "flash_varlen"])
     def test_half_precision_attention_kernels_stay_near_fp32(tiny_model_dir: Path, attention: str) -> None:
