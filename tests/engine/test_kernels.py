@@ -156,3 +156,15 @@ def test_kernels(dtype: str) -> None:
 def test_kernels_for_other_query_groupings(heads: int, kv_heads: int) -> None:
     """Query heads per key/value head 1, 4 and 8 (Qwen3-Reranker-4B/8B have 4): other tile shapes of pack_attention."""
     run_check("bfloat16" if torch.cuda.is_available() else "float32", heads, kv_heads)
+
+
+def test_qk_norm_rotary_refuses_inputs_past_its_int32_row_index() -> None:
+    """Rows are (token, head) pairs indexed in int32: a longer input is refused before anything is allocated."""
+    from worker.engine.kernels import QK_MAX_ROWS, qk_norm_rotary
+
+    heads, kv_heads, dim = 16, 8, 128
+    length = QK_MAX_ROWS // (heads + kv_heads) + 1
+    qkv = torch.zeros(1, (heads + 2 * kv_heads) * dim, dtype=torch.bfloat16).expand(length, -1)  # no storage
+    rotary = torch.zeros(1, dim, dtype=torch.bfloat16).expand(length, -1)
+    with pytest.raises(ValueError, match="at most"):
+        qk_norm_rotary(qkv, rotary, rotary, torch.ones(2, dim, dtype=torch.bfloat16), heads, kv_heads, 1e-6)

@@ -95,6 +95,9 @@ def _qk_norm_rotary_kernel(
     tl.store(k_at + HALF, out_hi, mask=to_k)
 
 
+QK_MAX_ROWS = 2**31 - 1024  # int32 row index, with room for the last program's block (BLOCK_R <= 256)
+
+
 def qk_norm_rotary(
     qkv: Tensor,  # [L, (H + 2 KV) * D]
     cos: Tensor,  # [L, D]
@@ -109,12 +112,11 @@ def qk_norm_rotary(
     head_dim = norms.shape[1]
     if qkv.stride(1) != 1 or cos.stride(1) != 1 or sin.stride() != cos.stride() or not norms.is_contiguous():
         raise ValueError("qk_norm_rotary wants row-major qkv, cos and sin and a contiguous [2, D] norms")
+    pairs = length * (heads + kv_heads)
+    if pairs > QK_MAX_ROWS:  # the kernel indexes rows in int32, a last program's included
+        raise ValueError(f"qk_norm_rotary takes at most {QK_MAX_ROWS} (token, head) rows, not {pairs}")
     q = torch.empty(length, heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     k = torch.empty(length, kv_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-
-    pairs = length * (heads + kv_heads)
-    if pairs >= 2**31:
-        raise ValueError(f"qk_norm_rotary takes fewer than 2**31 (token, head) rows, not {pairs}")
 
     def grid(meta: dict[str, int]) -> tuple[int]:
         return (triton.cdiv(pairs, meta["BLOCK_R"]),)
