@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from worker.engine import EngineInfo, InvalidJobError, JobScores, JobStats
-from worker.messages import RerankJob, RerankResult, json_schemas, parse_job
+from worker.messages import MAX_METADATA_DEPTH, RerankJob, RerankResult, json_depth, json_schemas, parse_job
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
 ENGINE = EngineInfo("m", "cpu", "float32", "sdpa", "packed-qwen3", False, 4096, 512, 512)
@@ -44,6 +44,10 @@ def job_bytes(**fields: object) -> bytes:
         (job_bytes(top_k=3), "schema_violation"),
         (job_bytes(schema_version=2), "unknown_schema_version"),
         (job_bytes(documents=["a"] * 4), "too_many_documents"),
+        (
+            b'{"job_id": "j", "query": "q", "documents": ["a"], "metadata": ' + b'{"x": ' * 65 + b"1" + b"}" * 66,
+            "metadata_too_deep",
+        ),
         (orjson.dumps({"query": "q", "documents": ["a"]}), "schema_violation"),
     ],
 )
@@ -90,3 +94,18 @@ def test_null_scores_come_last_and_documents_are_omitted_unless_asked() -> None:
     wire = RerankResult.from_scores(job, JobScores([None, 0.3, None], stats(3)), ENGINE).model_dump(mode="json")
     assert [(r["index"], r["relevance_score"]) for r in wire["results"]] == [(1, 0.3), (0, None), (2, None)]
     assert all("document" not in r for r in wire["results"])
+
+
+def test_metadata_as_deep_as_allowed_goes_into_the_result() -> None:
+    """orjson reads 1,024 levels but writes ~255: metadata deeper than the limit is refused when the job is read (it
+    would fail when its result is written); at the limit it round-trips into the result."""
+    deepest = {"x": 1}
+    for _ in range(MAX_METADATA_DEPTH - 1):
+        deepest = {"x": deepest}
+    assert json_depth(deepest) == MAX_METADATA_DEPTH
+    assert json_depth([{"a": []}, 3]) == 3
+    assert json_depth("flat") == 0
+    job = parse_job(job_bytes(metadata=deepest))
+    scored = JobScores(scores=[0.5], stats=stats(1))
+    written = orjson.loads(orjson.dumps(RerankResult.from_scores(job, scored, ENGINE).model_dump(mode="json")))
+    assert written["metadata"] == deepest

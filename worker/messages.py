@@ -31,6 +31,23 @@ SCHEMA_VERSION: SchemaVersion = 1
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 
+# orjson reads JSON nested up to 1,024 levels but pydantic and orjson write only ~255: a job whose metadata were
+# deeper would parse, then fail as its result is written. Refused up front, far below either limit.
+MAX_METADATA_DEPTH = 64
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of parsed JSON: 0 for a scalar, 1 for a flat object or array (iterative: no recursion limit)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is not None:
+            deepest = max(deepest, depth + 1)
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -61,7 +78,8 @@ class RerankJob(_Wire):
     top_n: Annotated[int, Field(ge=1)] | None = Field(None, description="Return only the best `top_n` results.")
     return_documents: bool = Field(False, description="Include each document's text in the results.")
     metadata: dict[str, Any] = Field(
-        default_factory=dict, description="Caller's data, copied unchanged into the result."
+        default_factory=dict,
+        description=f"Caller's data, copied unchanged into the result; nested at most {MAX_METADATA_DEPTH} levels.",
     )
     reply_topic: Annotated[str, Field(pattern=r"^[a-zA-Z0-9._-]{1,249}$")] | None = Field(
         None,
@@ -75,6 +93,14 @@ class RerankJob(_Wire):
         if not query.strip():
             raise ValueError("query must not be blank")
         return query
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_not_too_deep(cls, metadata: dict[str, Any]) -> dict[str, Any]:
+        depth = json_depth(metadata)
+        if depth > MAX_METADATA_DEPTH:
+            raise ValueError(f"metadata is nested {depth} levels deep, more than {MAX_METADATA_DEPTH}")
+        return metadata
 
     @field_validator("documents")
     @classmethod
@@ -232,6 +258,7 @@ class RerankResult(_Wire):
 _REASON_BY_FIELD = {
     "query": "blank_query",
     "documents": "too_many_documents",
+    "metadata": "metadata_too_deep",
     "schema_version": "unknown_schema_version",
 }
 

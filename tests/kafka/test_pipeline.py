@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pytest
 import torch
 from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError, TopicAuthorizationFailedError
 
@@ -20,7 +21,7 @@ from worker.kafka.metrics import WorkerMetrics
 from worker.kafka.publish import Publisher
 from worker.kafka.records import Failure, Outgoing, SourceRecord, WorkItem
 from worker.kafka.scoring import Scorer, engine_with_budget
-from worker.messages import RerankJob
+from worker.messages import RerankJob, RerankResult
 from worker.settings import Settings
 
 SETTINGS = Settings(max_attempts=3, retry_initial_ms=1, retry_max_ms=2, batch_wait_ms=50)
@@ -215,6 +216,28 @@ def test_result_too_large_is_dead_lettered(engine: RerankEngine) -> None:
     ((_w, f),) = h.letters
     assert (f.reason, f.stage) == ("result_too_large", "publish")
     assert not h.published
+
+
+def test_a_result_that_cannot_be_written_is_dead_lettered_and_the_thread_goes_on(
+    engine: RerankEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = Harness(engine)
+    unwritable, fine = item(engine, 0, DOCS), item(engine, 1, DOCS)
+    from_scores = RerankResult.from_scores
+
+    def failing_for_the_first(job: Any, *args: Any, **kwargs: Any) -> RerankResult:
+        if job is unwritable.job:
+            raise RecursionError("maximum recursion depth exceeded")
+        return from_scores(job, *args, **kwargs)
+
+    monkeypatch.setattr(RerankResult, "from_scores", failing_for_the_first)
+    h.scorer.score_batch([unwritable, fine])
+    ((w, f),) = h.letters
+    assert w is unwritable
+    assert (f.reason, f.category, f.stage) == ("result_not_serializable", "permanent", "publish")
+    assert "RecursionError" in f.error_class
+    assert [o.job_id for o in h.published] == [fine.job.job_id]
+    assert not h.fatal
 
 
 def test_jobs_of_revoked_partitions_are_skipped(engine: RerankEngine) -> None:

@@ -18,8 +18,9 @@ Header names follow Kafka Connect (`__connect.errors.*`) and Spring Kafka (`kafk
 | `rerank.original.value.dropped` | only when the value was too large even for the dead-letter topic: its size |
 
 Reasons. Permanent: `not_utf8`, `not_json`, `schema_violation`, `blank_query`, `too_many_documents`,
-`unknown_schema_version` (worker.messages.parse_job), `message_too_large`, `disallowed_reply_topic`,
-`result_too_large`, `publish_rejected` (the broker refused the result, e.g. not authorized for its reply topic),
+`metadata_too_deep`, `unknown_schema_version` (worker.messages.parse_job), `message_too_large`,
+`disallowed_reply_topic`, `result_too_large`, `result_not_serializable` (writing the result failed),
+`publish_rejected` (the broker refused the result, e.g. not authorized for its reply topic),
 `scoring_error` (the job failed alone in the engine), and the engine's own InvalidJobError reasons.
 Transient, after RERANK_MAX_ATTEMPTS tries: `out_of_memory`, `broker_unavailable`, `produce_timeout`.
 

@@ -439,8 +439,13 @@ class Replay:
             source_offset=record.offset,
             source_timestamp=record.timestamp,
         )
-        result = RerankResult.from_scores(job, scored, engine.info, replay=replay)
-        value = orjson.dumps(result.model_dump(mode="json"))
+        try:
+            value = orjson.dumps(
+                RerankResult.from_scores(job, scored, engine.info, replay=replay).model_dump(mode="json")
+            )
+        except Exception as e:  # the job's own data can make its result unwritable: skip it, not the replay
+            self.skip(record, job.job_id, "result_not_serializable", f"the result cannot be written: {one_line(e)}")
+            return
         if len(value) > self.settings.max_message_bytes:
             message = f"result of {len(value)} bytes exceeds RERANK_MAX_MESSAGE_BYTES={self.settings.max_message_bytes}"
             self.skip(record, job.job_id, "result_too_large", message)

@@ -38,7 +38,7 @@ import tenacity
 from worker.engine import InvalidJobError, JobScores
 from worker.engine.plan import PreparedJob
 from worker.kafka.deadletter import failure_from
-from worker.kafka.errors import is_out_of_memory, is_transient, one_line, reason_of
+from worker.kafka.errors import error_class, is_out_of_memory, is_transient, one_line, reason_of
 from worker.kafka.logs import job_fields
 from worker.kafka.metrics import WorkerMetrics
 from worker.kafka.records import Engine, Failure, Outgoing, SourceRecord, Submitted, WorkItem
@@ -312,8 +312,18 @@ class Scorer(threading.Thread):
 
     def publish_result(self, engine: Engine, item: WorkItem, scored: JobScores) -> None:
         job = item.job
-        result = RerankResult.from_scores(job, scored, engine.info)
-        value = orjson.dumps(result.model_dump(mode="json"))
+        try:
+            value = orjson.dumps(RerankResult.from_scores(job, scored, engine.info).model_dump(mode="json"))
+        except Exception as e:  # the job's own data can make its result unwritable: that job fails, not the thread
+            failure = Failure(
+                reason="result_not_serializable",
+                category="permanent",
+                stage="publish",
+                error_class=error_class(e),
+                message=f"the result cannot be written: {one_line(e)}",
+            )
+            self.dead_letter(item, failure)
+            return
         if len(value) > self.settings.max_message_bytes:
             failure = Failure(
                 reason="result_too_large",
