@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 from collections.abc import Sequence
+from dataclasses import replace
 from functools import partial
 from types import SimpleNamespace
 from typing import Any
@@ -351,6 +352,26 @@ def test_dead_letter_too_large_goes_without_value() -> None:
     p.settle(letter, p._send(letter))
     assert done[0].value == b""
     assert "rerank.original.value.dropped" in header_map(done[0].headers)
+
+
+def test_dead_letter_too_large_without_its_value_goes_without_the_original_headers() -> None:
+    """A bad job whose own headers fill most of the size limit: without its value the dead letter is still too large
+    (kafka-python counts headers); it must not become fatal (the job would be redelivered into the same failure)."""
+    producer = Producer([MessageSizeTooLargeError("too big"), MessageSizeTooLargeError("still too big"), None])
+    p, done, fatal = publisher(producer)
+    failure = Failure("not_json", "permanent", "validate", "x.Y", "bad")
+    big = replace(record(1), headers=(("trace", b"a" * 1000), ("tenant", b"t")))
+    letter = dead_letter(big, failure, topic="dlq", group_id="g", worker_id="w", model="m", job_id=None)
+    p.settle(letter, p._send(letter))
+    assert not fatal
+    (sent,) = done
+    headers = header_map(sent.headers)
+    assert sent.value == b""
+    assert "trace" not in headers
+    assert "tenant" not in headers
+    assert headers["rerank.original.headers.dropped"] == "2"
+    assert headers["rerank.error.reason"] == "not_json"
+    assert "rerank.original.value.dropped" in headers
 
 
 def test_unpublishable_dead_letter_is_fatal_and_not_done() -> None:

@@ -16,6 +16,7 @@ Header names follow Kafka Connect (`__connect.errors.*`) and Spring Kafka (`kafk
 | `rerank.worker.id` | RERANK_WORKER_ID |
 | `rerank.model` | the model name |
 | `rerank.original.value.dropped` | only when the value was too large even for the dead-letter topic: its size |
+| `rerank.original.headers.dropped` | only when still too large without its value: the original headers dropped |
 
 Reasons. Permanent: `not_utf8`, `not_json`, `schema_violation`, `blank_query`, `too_many_documents`,
 `metadata_too_deep`, `unknown_schema_version` (worker.messages.parse_job), `message_too_large`,
@@ -29,6 +30,8 @@ The original record's own headers come first, unchanged (a dead letter replayed 
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from worker.kafka.errors import error_class, is_transient, one_line, reason_of
 from worker.kafka.records import Failure, Headers, Outgoing, SourceRecord
@@ -116,3 +119,11 @@ def without_value(letter: Outgoing) -> Outgoing:
 def header_map(headers: list[tuple[str, bytes]] | tuple[tuple[str, bytes], ...]) -> dict[str, str]:
     """Headers as text (the last value of a repeated name wins): for tests, tools and the client."""
     return {k: v.decode("utf-8", "replace") for k, v in headers}
+
+
+def without_original_headers(letter: Outgoing) -> Outgoing:
+    """Second fallback, for a dead letter still too large without its value (the original record's own headers
+    can be most of it): those headers are dropped too, ours kept, and their count recorded."""
+    ours = [(k, v) for k, v in letter.headers if k.startswith(_REPLACED)]
+    dropped = len(letter.headers) - len(ours)
+    return replace(letter, headers=[*ours, ("rerank.original.headers.dropped", str(dropped).encode())])

@@ -9,7 +9,8 @@ Failures of one message:
   RERANK_MAX_ATTEMPTS, the first try being the pipelined send;
 - a result that still fails, or is rejected (too large, not authorized for its reply topic), is replaced by the
   job's dead letter, with the attempts made;
-- a dead letter too large for the dead-letter topic is sent again without its value (`rerank.original.value.dropped`);
+- a dead letter too large for the dead-letter topic is sent again without its value (`rerank.original.value.dropped`),
+  and if still too large, also without the original record's own headers (`rerank.original.headers.dropped`);
 - a dead letter that cannot be published at all is fatal: the worker exits without committing the job, which is
   then redelivered (Kafka is unreachable or misconfigured; nothing is lost).
 """
@@ -25,7 +26,7 @@ from typing import Any
 
 import tenacity
 
-from worker.kafka.deadletter import failure_from, without_value
+from worker.kafka.deadletter import failure_from, without_original_headers, without_value
 from worker.kafka.errors import PermanentError, is_too_large, is_transient, one_line, reason_of
 from worker.kafka.logs import job_fields
 from worker.kafka.metrics import WorkerMetrics
@@ -159,6 +160,12 @@ class Publisher(threading.Thread):
         elif is_too_large(error) and not any(k == "rerank.original.value.dropped" for k, _ in o.headers):
             log.warning("dead letter too large for %s: sending it without its value", o.topic, extra=fields)
             letter = without_value(o)
+            self.settle(letter, self._send(letter))
+        elif is_too_large(error) and not any(k == "rerank.original.headers.dropped" for k, _ in o.headers):
+            log.warning(
+                "dead letter still too large for %s: sending it without the original headers", o.topic, extra=fields
+            )
+            letter = without_original_headers(o)
             self.settle(letter, self._send(letter))
         else:
             self.abort.set()
