@@ -37,6 +37,10 @@ def test_kafka_connection_reads_unprefixed_names(monkeypatch: pytest.MonkeyPatch
     assert kwargs["sasl_mechanism"] == "SCRAM-SHA-512"
     assert kwargs["sasl_plain_username"] == "svc"
     assert kwargs["sasl_plain_password"] == "hunter2"
+    # kafka-python's admin client logs its arguments at DEBUG: the password shows as '***' there
+    assert "hunter2" not in repr(kwargs)
+    assert "hunter2" not in "configuration: %s" % (kwargs,)  # noqa: UP031 (the admin client's own format)
+    assert "\0".join(["svc", "svc", kwargs["sasl_plain_password"]]).encode() == b"svc\0svc\0hunter2"  # SASL PLAIN
     assert kwargs["ssl_cafile"] == "/etc/ca.pem"
     # the password never shows in a repr, a dump or a log line of the settings
     assert "hunter2" not in repr(s)

@@ -18,6 +18,17 @@ from worker.settings import Settings
 FRAMING_BYTES = 64 * 1024
 
 
+class Redacted(str):
+    """A secret as kafka-python takes it (a str: SASL joins and encodes it) whose repr is '***': kafka-python's admin
+    client logs its keyword arguments at DEBUG (`Starting KafkaAdminClient with configuration: %s`), which prints
+    each value's repr."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+
 def connection_kwargs(settings: Settings, *, client_id: str) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "bootstrap_servers": [s.strip() for s in settings.bootstrap_servers.split(",") if s.strip()],
@@ -28,7 +39,7 @@ def connection_kwargs(settings: Settings, *, client_id: str) -> dict[str, Any]:
         kwargs["sasl_mechanism"] = settings.sasl_mechanism or "PLAIN"
         kwargs["sasl_plain_username"] = settings.sasl_username
         password = settings.sasl_password
-        kwargs["sasl_plain_password"] = password.get_secret_value() if password is not None else None
+        kwargs["sasl_plain_password"] = Redacted(password.get_secret_value()) if password is not None else None
     if settings.security_protocol in ("SSL", "SASL_SSL") and settings.ssl_cafile:
         kwargs["ssl_cafile"] = settings.ssl_cafile
     return kwargs
