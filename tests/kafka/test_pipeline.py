@@ -185,6 +185,7 @@ def test_out_of_memory_every_time_dead_letters_with_attempts(engine: RerankEngin
         ("j1", "out_of_memory", "transient", 3, "score"),
     ]
     assert not h.published
+    assert h.metrics.retries.value(reason="out_of_memory") == SETTINGS.max_attempts - 1  # the last try is not retried
 
 
 def test_a_poison_job_is_isolated_and_dead_lettered(engine: RerankEngine) -> None:

@@ -269,6 +269,7 @@ class Scorer(threading.Thread):
             ),
             retry=tenacity.retry_if_exception(is_transient),
             sleep=self._sleep,
+            before_sleep=self._count_retry,  # only tries that are repeated: not the last one
             reraise=True,
         )
         for attempt in retrying:
@@ -289,10 +290,12 @@ class Scorer(threading.Thread):
                             attempt.retry_state.attempt_number,
                             engine.info.max_batch_tokens,
                         )
-                    if is_transient(e):
-                        self.metrics.retries.inc(reason=reason_of(e))
                     raise
         raise RuntimeError("tenacity returned without a result. This is a bug.")
+
+    def _count_retry(self, state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        self.metrics.retries.inc(reason=reason_of(error) if error else "unknown")
 
     def _sleep(self, seconds: float) -> None:
         self.stop_event.wait(seconds)  # a stop cuts the backoff short; the try after it still runs once
