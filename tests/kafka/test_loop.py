@@ -3,6 +3,7 @@ and revocation."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import orjson
@@ -140,6 +141,53 @@ def test_revocation_commits_what_is_done_and_forgets_the_rest(engine: RerankEngi
     w.take_completions()
     w.commit()
     assert consumer.commits == []
+
+
+def test_revocation_waits_only_for_jobs_being_scored_or_published(engine: RerankEngine) -> None:
+    """Jobs still in the backlog or the work queue are given up at once (the next owner reads them); only what
+    the GPU thread or the publisher holds is waited for. It used to wait out RERANK_REVOKE_TIMEOUT_S for the jobs
+    it had just dropped itself, on kafka-python's IO thread (no heartbeats), whenever the queue was full."""
+    w, consumer = worker(engine, max_queued_jobs=2, revoke_timeout_s=5.0)
+    for i in range(5):
+        w.route(job(i))
+    w.feed()  # jobs 0, 1 in the work queue, 2-4 in the backlog
+    w.work.get_nowait()  # the GPU thread took job 0 ...
+    w.completions.put(job(0))  # ... and its result was acknowledged
+    began = time.monotonic()
+    w.partitions_revoked({TP}, commit=True)
+    assert time.monotonic() - began < 1.0
+    assert consumer.async_commits == [{TP: 1}]  # job 1 (queued, never started) and the rest are read again
+
+
+def test_jobs_queued_before_a_partition_came_back_are_not_scored_again(engine: RerankEngine) -> None:
+    """Kafka's eager protocol revokes every partition on each rebalance and hands most straight back: the jobs
+    queued before must not be scored beside their copies polled again after."""
+    w, _ = worker(engine, revoke_timeout_s=0.0)
+    for i in range(2):
+        w.route(job(i))
+    w.feed()
+    stale = list(w.work.queue)
+    w.partitions_revoked({TP}, commit=True)
+    w.partitions_assigned({TP})
+    for i in range(2):
+        w.route(job(i))  # read again from the committed offset
+    w.feed()
+    fresh = list(w.work.queue)[2:]
+    assert [w.owns(item) for item in stale] == [False, False]
+    assert [w.owns(item) for item in fresh] == [True, True]
+
+
+def test_jobs_the_gpu_thread_skipped_are_never_committed(engine: RerankEngine) -> None:
+    w, consumer = worker(engine)
+    for i in range(3):
+        w.route(job(i))
+    w.skipped.put(job(0))  # skipped as no longer ours (a revocation raced with the GPU thread)
+    w.completions.put(job(1))
+    w.completions.put(job(2))
+    w.take_completions()
+    assert w.tracker.in_flight() == 0  # not waited for
+    w.commit()
+    assert consumer.commits == []  # and not committed past
 
 
 def test_lost_partitions_are_not_committed(engine: RerankEngine) -> None:

@@ -81,3 +81,18 @@ def test_nothing_to_commit_twice() -> None:
     tracker.mark_committed({"a": 1})
     assert tracker.committable() == {}
     assert tracker.in_flight(["a"]) == 0
+
+
+def test_abandoned_records_are_not_waited_for_and_never_committed() -> None:
+    tracker: OffsetTracker[str] = OffsetTracker()
+    for offset in (10, 11, 12):
+        tracker.add("a", offset)
+    tracker.abandon("a", 11)  # its partition is being revoked and it never reached the GPU
+    assert tracker.in_flight() == 2
+    tracker.done("a", 10)
+    tracker.done("a", 12)
+    assert tracker.in_flight() == 0
+    assert tracker.committable() == {"a": 11}  # not past the abandoned record: the next owner reads it
+    tracker.abandon("a", 12)  # done already: nothing changes
+    assert tracker.done("a", 11)  # acknowledged after all: done
+    assert tracker.committable() == {"a": 13}

@@ -242,12 +242,20 @@ def test_a_result_that_cannot_be_written_is_dead_lettered_and_the_thread_goes_on
     assert not h.fatal
 
 
-def test_jobs_of_revoked_partitions_are_skipped(engine: RerankEngine) -> None:
-    owned = {0}
-    h = Harness(engine, owned=lambda r: r.offset in owned)
-    for i in range(3):
-        h.work.put(item(engine, i, DOCS))
-    assert [w.record.offset for w in h.scorer.gather()] == [0]
+def test_jobs_no_longer_owned_are_skipped_and_reported(engine: RerankEngine) -> None:
+    owned = {0, 3}
+    skipped: list[int] = []
+    h = Harness(engine, Settings(batch_max_packs=1), owned=lambda w: w.record.offset in owned)
+    h.scorer.on_skipped = lambda w: skipped.append(w.record.offset)
+    big = [f"word {j} " * 20 for j in range(40)]  # more than half of a pass: two never share a batch
+    for i, docs in enumerate([big, DOCS, DOCS, big]):
+        h.work.put(item(engine, i, docs))
+    assert h.work.queue[0].tokens > engine.info.max_batch_tokens // 2
+    assert [w.record.offset for w in h.scorer.gather()] == [0]  # 3 was pushed back to open the next batch
+    assert skipped == [1, 2]
+    owned.discard(3)  # its partition was revoked meanwhile: the job pushed back is skipped too
+    assert h.scorer.gather(first_wait_s=0.0) == []
+    assert skipped == [1, 2, 3]
 
 
 # -- publisher --------------------------------------------------------------------------------------------------

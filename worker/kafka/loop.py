@@ -17,9 +17,13 @@ Threads and queues:
 - Commits: per partition, the contiguous watermark of acknowledged records (offsets.OffsetTracker), synchronously,
   each turn the watermark moved. A crash at any moment loses no job: what was not acknowledged is not committed.
 - Rebalance: kafka-python 3 calls the listener on its own IO thread while this thread is blocked inside poll().
-  On revocation the listener drops the backlog of those partitions, waits (bounded) for their jobs in flight,
-  commits their watermark with commit_async (a blocking commit cannot run on the IO thread) and forgets them;
-  jobs the GPU thread has not started yet are skipped and redelivered to the new owner.
+  On revocation the listener gives up the jobs of those partitions that the GPU thread has not started (dropped
+  from the backlog; skipped by the GPU thread, which takes no more of them), waits (bounded) only for the jobs
+  being scored or published, commits their watermark with commit_async (a blocking commit cannot run on the IO
+  thread) and forgets them; the jobs given up are below the watermark, so the partition's next owner reads them.
+  Each assignment of a partition is numbered and jobs carry the number they were polled under: with Kafka's eager
+  protocol every rebalance revokes all partitions and hands most of them straight back, and a job queued before
+  that must not be scored beside its copy polled again after it.
 - Shutdown (SIGTERM/SIGINT): stop fetching, let the GPU thread finish the batch in hand, publish it, commit,
   leave the group; jobs never started are redelivered. Bounded by RERANK_SHUTDOWN_TIMEOUT_S.
 """
@@ -110,7 +114,9 @@ class Worker:
         self.work: queue.Queue[WorkItem] = queue.Queue(maxsize=settings.max_queued_jobs)
         self.outbox: queue.Queue[Outgoing | None] = queue.Queue()
         self.completions: queue.Queue[SourceRecord] = queue.Queue()
+        self.skipped: queue.Queue[SourceRecord] = queue.Queue()  # jobs the GPU thread skipped as no longer ours
         self.owned: frozenset[TopicPartition] = frozenset()  # replaced whole, read by the GPU thread
+        self.assignments: dict[TopicPartition, int] = {}  # how often each partition was assigned; replaced whole
         self.last_turn = time.monotonic()
         self._last_observe = 0.0
 
@@ -185,7 +191,8 @@ class Worker:
             metrics=self.metrics,
             worker_id=self.worker_id,
             on_fatal=self.set_fatal,
-            owned=lambda record: _tp(record) in self.owned,
+            owned=self.owns,
+            on_skipped=lambda item: self.skipped.put(item.record),
         )
         self.publisher = Publisher(
             self.producer,
@@ -263,7 +270,12 @@ class Worker:
         except (PermanentError, InvalidJobError) as e:
             self.dead_letter(record, failure_from(e, stage="validate"), job_id)
             return
-        self.backlog.append(WorkItem(record, job))
+        self.backlog.append(WorkItem(record, job, assignment=self.assignments.get(_tp(record), 0)))
+
+    def owns(self, item: WorkItem) -> bool:
+        """Whether a job is still this worker's to score: its partition is assigned, under the same assignment."""
+        tp = _tp(item.record)
+        return tp in self.owned and self.assignments.get(tp) == item.assignment
 
     def feed(self) -> None:
         """Tokenize backlog jobs into the work queue while it has room; fetch nothing more while it is full."""
@@ -284,6 +296,12 @@ class Worker:
             self.metrics.paused.set(0)
 
     def take_completions(self, wait_s: float = 0.0) -> int:
+        while True:  # jobs the GPU thread skipped: not finished here (their partition's owner reads them)
+            try:
+                record = self.skipped.get_nowait()
+            except queue.Empty:
+                break
+            self.tracker.abandon(_tp(record), record.offset)
         taken = 0
         while True:
             try:
@@ -345,10 +363,19 @@ class Worker:
         revoked = set(partitions)
         if not revoked:
             return
+        self.owned = frozenset(self.owned - revoked)  # from here on the GPU thread starts none of their jobs
+        # Their jobs not started yet are given up, not waited for: the backlog's, and those in the work queue (the
+        # GPU thread skips them when it gets there; a snapshot under the queue's lock, as it may be taking one now).
+        given_up = [item.record for item in self.backlog if _tp(item.record) in revoked]
         self.backlog = deque(item for item in self.backlog if _tp(item.record) not in revoked)
+        with self.work.mutex:
+            given_up += [item.record for item in self.work.queue if _tp(item.record) in revoked]
+        for record in given_up:
+            self.tracker.abandon(_tp(record), record.offset)
         if commit and not self.closing:
             s = self.settings
             deadline = time.monotonic() + min(s.revoke_timeout_s, s.session_timeout_ms / 2000)
+            self.take_completions()  # what was acknowledged already, even with nothing left to wait for
             while self.tracker.in_flight(revoked) and time.monotonic() < deadline:
                 self.take_completions(wait_s=0.05)
             offsets = self.tracker.committable(revoked)
@@ -359,9 +386,13 @@ class Worker:
             left = self.tracker.in_flight(revoked)
             log.info(
                 "partitions revoked",
-                extra={"partitions": _show(revoked), "committed": _show(offsets), "redelivered": left},
+                extra={
+                    "partitions": _show(revoked),
+                    "committed": _show(offsets),
+                    "given_up": len(given_up),
+                    "redelivered": left + len(given_up),
+                },
             )
-        self.owned = frozenset(self.owned - revoked)
         self.metrics.revoked.inc(len(revoked))
         self.tracker.drop(revoked)
         for tp in revoked:
@@ -369,6 +400,7 @@ class Worker:
         self.metrics.assigned.set(len(self.owned))
 
     def partitions_assigned(self, partitions: set[TopicPartition]) -> None:
+        self.assignments = {**self.assignments, **{tp: self.assignments.get(tp, 0) + 1 for tp in partitions}}
         self.owned = frozenset(self.owned | set(partitions))
         self.metrics.rebalances.inc()
         self.metrics.assigned.set(len(self.owned))

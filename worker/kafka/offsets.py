@@ -21,12 +21,13 @@ P = TypeVar("P", bound=Hashable)  # a partition: kafka's TopicPartition, or anyt
 @dataclass
 class PartitionOffsets:
     pending: set[int] = field(default_factory=set)
+    abandoned: set[int] = field(default_factory=set)  # not done and never will be here: the next owner reads them
     next_offset: int | None = None  # one past the highest offset seen
     committed: int | None = None  # the last watermark committed (or handed to commit)
 
     def watermark(self) -> int | None:
-        if self.pending:
-            return min(self.pending)
+        if self.pending or self.abandoned:
+            return min(self.pending | self.abandoned)
         return self.next_offset
 
 
@@ -41,16 +42,26 @@ class OffsetTracker(Generic[P]):
             # The first offset read is where the group already stands: committing it again would change nothing.
             state = self._partitions[partition] = PartitionOffsets(committed=offset)
         state.pending.add(offset)  # an offset read again (a seek back) is simply pending again
+        state.abandoned.discard(offset)
         state.next_offset = max(offset + 1, state.next_offset or 0)
 
     def done(self, partition: P, offset: int) -> bool:
         """The record's result or dead letter was acknowledged. False when the offset is not pending (for example
         its partition was revoked meanwhile): nothing changes then."""
         state = self._partitions.get(partition)
-        if state is None or offset not in state.pending:
+        if state is None or offset not in state.pending | state.abandoned:
             return False
         state.pending.discard(offset)
+        state.abandoned.discard(offset)  # given up on, yet acknowledged after all: done is done
         return True
+
+    def abandon(self, partition: P, offset: int) -> None:
+        """A pending record that will not be finished here (its partition is being revoked and it never reached the
+        GPU): no longer waited for, but the watermark stays below it, so it is not committed."""
+        state = self._partitions.get(partition)
+        if state is not None and offset in state.pending:
+            state.pending.discard(offset)
+            state.abandoned.add(offset)
 
     def committable(self, partitions: Iterable[P] | None = None) -> dict[P, int]:
         """Watermarks that moved since they were last marked committed."""
@@ -70,6 +81,7 @@ class OffsetTracker(Generic[P]):
                 state.committed = max(offset, state.committed or 0)
 
     def in_flight(self, partitions: Iterable[P] | None = None) -> int:
+        """Records pending and still expected to finish (abandoned ones are not)."""
         chosen = self._partitions if partitions is None else [p for p in partitions if p in self._partitions]
         return sum(len(self._partitions[p].pending) for p in chosen)
 

@@ -105,6 +105,9 @@ class WorkItem:
     job: RerankJob
     prepared: PreparedJob | None = None
     tokens: int = 0  # estimated tokens through the model, for the batch budget
+    # which assignment of its partition it was polled under (the consumer thread counts them): after a partition
+    # is revoked and assigned back (every rebalance does that under Kafka's eager protocol), older jobs are stale
+    assignment: int = 0
 
     def prepare(self, engine: Engine) -> None:
         self.prepared = engine.prepare(self.job.to_score_request())

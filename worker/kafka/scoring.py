@@ -41,7 +41,7 @@ from worker.kafka.deadletter import failure_from
 from worker.kafka.errors import error_class, is_out_of_memory, is_transient, one_line, reason_of
 from worker.kafka.logs import job_fields
 from worker.kafka.metrics import WorkerMetrics
-from worker.kafka.records import Engine, Failure, Outgoing, SourceRecord, Submitted, WorkItem
+from worker.kafka.records import Engine, Failure, Outgoing, Submitted, WorkItem
 from worker.messages import RerankResult
 from worker.settings import Settings
 
@@ -103,7 +103,8 @@ class Scorer(threading.Thread):
         *,
         worker_id: str,
         on_fatal: Callable[[str], None],
-        owned: Callable[[SourceRecord], bool] = lambda record: True,
+        owned: Callable[[WorkItem], bool] = lambda item: True,
+        on_skipped: Callable[[WorkItem], None] = lambda item: None,
         shrink: Callable[[Engine, int], Engine | None] = engine_with_budget,
     ) -> None:
         super().__init__(name="rerank-gpu", daemon=True)
@@ -115,7 +116,10 @@ class Scorer(threading.Thread):
         self.metrics = metrics
         self.worker_id = worker_id
         self.on_fatal = on_fatal
-        self.owned = owned  # jobs of revoked partitions are skipped: their new owner reads them again
+        # Jobs of revoked partitions (or of an earlier assignment of a partition that came back) are skipped and
+        # reported to `on_skipped`: the partition's owner reads them again.
+        self.owned = owned
+        self.on_skipped = on_skipped
         self.shrink = shrink
         # finish the batches in hand (the one being scored, and one already queued behind it on the device)
         self.stop_event = threading.Event()
@@ -166,8 +170,9 @@ class Scorer(threading.Thread):
     def gather(self, first_wait_s: float = 0.1, fill_wait_s: float | None = None) -> list[WorkItem]:
         """Jobs for one batch: the first waits up to `first_wait_s` (briefly, to notice a stop), the rest until
         the token budget or `fill_wait_s` (RERANK_BATCH_WAIT_MS unless given)."""
-        first = self._carry or self._get(first_wait_s)
+        first = self._carry if self._carry is not None and self._still_owned(self._carry) else None
         self._carry = None
+        first = first or self._get(first_wait_s)
         if first is None:
             return []
         batch, tokens = [first], first.tokens
@@ -192,8 +197,14 @@ class Scorer(threading.Thread):
                 item = self.work.get(timeout=left) if left > 0 else self.work.get_nowait()
             except queue.Empty:
                 return None
-            if self.owned(item.record):
+            if self._still_owned(item):
                 return item
+
+    def _still_owned(self, item: WorkItem) -> bool:
+        if self.owned(item):
+            return True
+        self.on_skipped(item)
+        return False
 
     def drain(self) -> list[WorkItem]:
         """After a stop: the jobs that were queued but never scored (they will be redelivered)."""
