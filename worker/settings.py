@@ -185,8 +185,9 @@ class Settings(BaseSettings):
     )
     revoke_timeout_s: Annotated[float, Field(ge=0)] = Field(
         10.0,
-        description="On a rebalance, how long to wait for the jobs in flight on revoked partitions before committing "
-        "what is done; the rest is redelivered to the new owner. Capped at half RERANK_SESSION_TIMEOUT_MS.",
+        description="On a rebalance, how long to wait for the revoked partitions' jobs being scored or published "
+        "before committing what is done; jobs not started yet are given up at once. What is not done is "
+        "redelivered to the new owner. Capped at half RERANK_SESSION_TIMEOUT_MS.",
     )
     shutdown_timeout_s: Annotated[float, Field(gt=0)] = Field(
         30.0,
