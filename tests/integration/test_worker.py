@@ -187,6 +187,21 @@ def test_reply_topic_allowlist(
     assert read_topic(kafka_bootstrap, other) == []
 
 
+def test_the_client_keeps_only_answers_to_its_own_jobs(
+    kafka_bootstrap: str, topics: Topics, make_settings: Callable[..., Settings], engine: RerankEngine
+) -> None:
+    """The results and dead-letter topics are shared: another client's answers, or a record that is not a result
+    at all, must neither be kept nor break `wait`."""
+    settings = make_settings()
+    with worker_thread(settings, engine), RerankClient(settings) as client:
+        client.listen(topics.results)
+        produce(kafka_bootstrap, topics.results, [(b"someone-else", b"not a result", []), (b"mine", b"{}", [])])
+        outcome = client.wait([client.submit({"job_id": "mine", "query": "q", "documents": ["a", "b"]})])["mine"]
+        assert not isinstance(outcome, DeadLettered), outcome
+        assert len(outcome.results) == 2  # the malformed record keyed "mine" was ignored; the worker's result kept
+        assert set(client.outcomes) == {"mine"}
+
+
 def test_jobs_and_results_larger_than_one_megabyte(
     kafka_bootstrap: str,
     topics: Topics,

@@ -13,6 +13,7 @@ Jobs and results up to RERANK_MAX_MESSAGE_BYTES work (the clients are sized from
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -23,11 +24,14 @@ from typing import Any
 import orjson
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
+from pydantic import ValidationError
 
 from worker.kafka.config import consumer_kwargs, producer_kwargs
 from worker.kafka.deadletter import header_map
 from worker.messages import RerankJob, RerankResult
 from worker.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class RerankClient:
         self.producer = KafkaProducer(**producer_kwargs(self.settings, client_id=self.client_id))
         self._readers: dict[str, Any] = {}  # topic -> KafkaConsumer assigned to all its partitions
         self.outcomes: dict[str, Outcome] = {}
+        self._waiting: set[str] = set()  # job ids submitted or waited for: other clients' answers are not kept
 
     def __enter__(self) -> RerankClient:
         return self
@@ -81,6 +86,7 @@ class RerankClient:
     ) -> list[str]:
         """Send many jobs in one go (one acknowledgement wait). `listen=False` skips preparing `wait`."""
         parsed = [j if isinstance(j, RerankJob) else RerankJob.model_validate(j) for j in jobs]
+        self._waiting.update(j.job_id for j in parsed)
         if listen:
             for topic in {j.reply_topic or self.settings.results_topic for j in parsed} | {self.settings.dlq_topic}:
                 self.listen(topic)
@@ -113,6 +119,7 @@ class RerankClient:
     def wait(self, job_ids: Sequence[str], *, timeout_s: float = 60) -> dict[str, Outcome]:
         """Each job's result or dead letter; raises TimeoutError naming the jobs still unanswered."""
         deadline = time.monotonic() + timeout_s
+        self._waiting.update(job_ids)
         pending = [j for j in job_ids if j not in self.outcomes]
         while pending:
             left = deadline - time.monotonic()
@@ -137,6 +144,8 @@ class RerankClient:
                     if r.key is None:
                         continue
                     job_id = r.key.decode("utf-8", "replace")
+                    if job_id not in self._waiting:
+                        continue  # another client's job (the topics are shared)
                     if job_id in self.outcomes:
                         continue  # a duplicate (at-least-once): the first answer stands
                     if topic == self.settings.dlq_topic:
@@ -148,4 +157,12 @@ class RerankClient:
                             headers,
                         )
                     elif r.value:
-                        self.outcomes[job_id] = RerankResult.model_validate_json(r.value)
+                        try:
+                            self.outcomes[job_id] = RerankResult.model_validate_json(r.value)
+                        except ValidationError as e:  # not a result of ours after all (a job id reused elsewhere)
+                            log.warning(
+                                "ignoring a record keyed %r on %s: not a RerankResult (%d errors)",
+                                job_id,
+                                topic,
+                                e.error_count(),
+                            )
