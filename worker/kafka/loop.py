@@ -21,9 +21,10 @@ Threads and queues:
   from the backlog; skipped by the GPU thread, which takes no more of them), waits (bounded) only for the jobs
   being scored or published, commits their watermark with commit_async (a blocking commit cannot run on the IO
   thread) and forgets them; the jobs given up are below the watermark, so the partition's next owner reads them.
-  Each assignment of a partition is numbered and jobs carry the number they were polled under: with Kafka's eager
-  protocol every rebalance revokes all partitions and hands most of them straight back, and a job queued before
-  that must not be scored beside its copy polled again after it.
+  With Kafka's eager protocol every rebalance revokes all partitions and hands most of them straight back, and
+  kafka-python 3 keeps such a partition's fetch position: the listener seeks it back to the first offset not done,
+  so the jobs given up are read again. Each assignment of a partition is numbered and jobs carry the number they
+  were polled under, so a job queued before is skipped rather than scored beside its copy read again.
 - Shutdown (SIGTERM/SIGINT): stop fetching, let the GPU thread finish the batch in hand, publish it, commit,
   leave the group; jobs never started are redelivered. Bounded by RERANK_SHUTDOWN_TIMEOUT_S.
 """
@@ -117,6 +118,7 @@ class Worker:
         self.skipped: queue.Queue[SourceRecord] = queue.Queue()  # jobs the GPU thread skipped as no longer ours
         self.owned: frozenset[TopicPartition] = frozenset()  # replaced whole, read by the GPU thread
         self.assignments: dict[TopicPartition, int] = {}  # how often each partition was assigned; replaced whole
+        self.resume_at: dict[TopicPartition, int] = {}  # revoked partitions: the first offset not done here
         self.last_turn = time.monotonic()
         self._last_observe = 0.0
 
@@ -394,12 +396,24 @@ class Worker:
                 },
             )
         self.metrics.revoked.inc(len(revoked))
+        for tp in revoked:
+            mark = self.tracker.watermark(tp)
+            if mark is not None:
+                self.resume_at[tp] = mark
         self.tracker.drop(revoked)
         for tp in revoked:
             self.metrics.lag.remove(topic=tp.topic, partition=str(tp.partition))
         self.metrics.assigned.set(len(self.owned))
 
     def partitions_assigned(self, partitions: set[TopicPartition]) -> None:
+        # kafka-python 3 keeps the fetch position of a partition revoked and assigned straight back (every eager
+        # rebalance does that): it would go on after the jobs given up at revocation. Read them again.
+        for tp in sorted(set(partitions) & set(self.resume_at)):
+            try:
+                self.consumer.seek(tp, self.resume_at[tp])
+            except (ValueError, KafkaError) as e:  # then the position stands: those jobs wait for a restart
+                log.error("cannot read %s again from offset %d: %s", tp, self.resume_at[tp], one_line(e))
+        self.resume_at = {}
         self.assignments = {**self.assignments, **{tp: self.assignments.get(tp, 0) + 1 for tp in partitions}}
         self.owned = frozenset(self.owned | set(partitions))
         self.metrics.rebalances.inc()
