@@ -188,6 +188,21 @@ def test_a_partition_handed_straight_back_is_read_again_from_the_jobs_given_up(e
     assert [w.owns(item) for item in fresh] == [True, True]
 
 
+def test_a_partition_that_cannot_be_read_again_is_left_alone_and_the_worker_stops(engine: RerankEngine) -> None:
+    w, consumer = worker(engine, revoke_timeout_s=0.0)
+    w.route(job(0))
+    w.partitions_revoked({TP}, commit=True)
+
+    def refuse(tp: TopicPartition, offset: int) -> None:
+        raise ValueError("Unassigned partition")
+
+    consumer.seek = refuse  # type: ignore[method-assign]
+    w.partitions_assigned({TP})
+    assert w.fatal is not None
+    assert "cannot read" in w.fatal
+    assert TP not in w.owned  # nothing of it is routed or committed: the next owner reads it from the committed offset
+
+
 def test_jobs_the_gpu_thread_skipped_are_never_committed(engine: RerankEngine) -> None:
     w, consumer = worker(engine)
     for i in range(3):

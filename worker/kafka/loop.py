@@ -408,14 +408,17 @@ class Worker:
     def partitions_assigned(self, partitions: set[TopicPartition]) -> None:
         # kafka-python 3 keeps the fetch position of a partition revoked and assigned straight back (every eager
         # rebalance does that): it would go on after the jobs given up at revocation. Read them again.
+        unreadable = set()
         for tp in sorted(set(partitions) & set(self.resume_at)):
             try:
                 self.consumer.seek(tp, self.resume_at[tp])
-            except (ValueError, KafkaError) as e:  # then the position stands: those jobs wait for a restart
-                log.error("cannot read %s again from offset %d: %s", tp, self.resume_at[tp], one_line(e))
+            except (ValueError, KafkaError) as e:  # not for an assigned partition; should it happen, the partition
+                # is left alone (going on from the kept position would commit past the jobs given up) and we stop
+                unreadable.add(tp)
+                self.set_fatal(f"cannot read {tp} again from offset {self.resume_at[tp]}: {one_line(e)}")
         self.resume_at = {}
         self.assignments = {**self.assignments, **{tp: self.assignments.get(tp, 0) + 1 for tp in partitions}}
-        self.owned = frozenset(self.owned | set(partitions))
+        self.owned = frozenset(self.owned | (set(partitions) - unreadable))
         self.metrics.rebalances.inc()
         self.metrics.assigned.set(len(self.owned))
         log.info("partitions assigned", extra={"partitions": _show(partitions)})
