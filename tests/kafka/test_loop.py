@@ -4,6 +4,7 @@ and revocation."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -207,7 +208,11 @@ def test_jobs_the_gpu_thread_skipped_are_never_committed(engine: RerankEngine) -
     w, consumer = worker(engine)
     for i in range(3):
         w.route(job(i))
-    w.skipped.put(job(0))  # skipped as no longer ours (a revocation raced with the GPU thread)
+    first = w.backlog[0]
+    w.skipped.put(replace(first, assignment=first.assignment - 1))  # a stale copy's report: changes nothing
+    w.take_completions()
+    assert w.tracker.in_flight() == 3
+    w.skipped.put(first)  # skipped as no longer ours (a revocation raced with the GPU thread)
     w.completions.put(job(1))
     w.completions.put(job(2))
     w.take_completions()
@@ -223,6 +228,19 @@ def test_lost_partitions_are_not_committed(engine: RerankEngine) -> None:
     w.partitions_revoked({TP}, commit=False)
     assert consumer.async_commits == []
     assert consumer.commits == []
+    w.partitions_assigned({TP})  # back after the session expired: kafka-python starts it from the committed offset
+    assert consumer.seeks == []
+
+
+def test_a_partition_revoked_out_of_the_assignment_is_not_sought_when_it_returns(engine: RerankEngine) -> None:
+    """Cooperative rebalancing revokes partitions already out of the consumer's assignment: kafka-python drops
+    their state, so when one returns (maybe much later) it starts from the group's committed offset."""
+    w, consumer = worker(engine, revoke_timeout_s=0.0)
+    w.route(job(0))
+    consumer.assigned = set()
+    w.partitions_revoked({TP}, commit=True)
+    w.partitions_assigned({TP})
+    assert consumer.seeks == []
 
 
 def test_missing_codec_is_fatal_at_start(engine: RerankEngine, monkeypatch: Any) -> None:

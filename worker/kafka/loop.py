@@ -115,7 +115,7 @@ class Worker:
         self.work: queue.Queue[WorkItem] = queue.Queue(maxsize=settings.max_queued_jobs)
         self.outbox: queue.Queue[Outgoing | None] = queue.Queue()
         self.completions: queue.Queue[SourceRecord] = queue.Queue()
-        self.skipped: queue.Queue[SourceRecord] = queue.Queue()  # jobs the GPU thread skipped as no longer ours
+        self.skipped: queue.Queue[WorkItem] = queue.Queue()  # jobs the GPU thread skipped as no longer ours
         self.owned: frozenset[TopicPartition] = frozenset()  # replaced whole, read by the GPU thread
         self.assignments: dict[TopicPartition, int] = {}  # how often each partition was assigned; replaced whole
         self.resume_at: dict[TopicPartition, int] = {}  # revoked partitions: the first offset not done here
@@ -194,7 +194,7 @@ class Worker:
             worker_id=self.worker_id,
             on_fatal=self.set_fatal,
             owned=self.owns,
-            on_skipped=lambda item: self.skipped.put(item.record),
+            on_skipped=self.skipped.put,
         )
         self.publisher = Publisher(
             self.producer,
@@ -300,10 +300,12 @@ class Worker:
     def take_completions(self, wait_s: float = 0.0) -> int:
         while True:  # jobs the GPU thread skipped: not finished here (their partition's owner reads them)
             try:
-                record = self.skipped.get_nowait()
+                item = self.skipped.get_nowait()
             except queue.Empty:
                 break
-            self.tracker.abandon(_tp(record), record.offset)
+            tp = _tp(item.record)
+            if self.assignments.get(tp) == item.assignment:  # not a stale copy of a job since read again
+                self.tracker.abandon(tp, item.record.offset)
         taken = 0
         while True:
             try:
@@ -396,10 +398,16 @@ class Worker:
                 },
             )
         self.metrics.revoked.inc(len(revoked))
+        # Where to read again should the partition be handed straight back: only on an eager revocation, where
+        # kafka-python keeps the partition's state (and position) for that. Lost partitions, and partitions revoked
+        # cooperatively (already out of the assignment), start from the group's committed offset anyway.
+        still_assigned = self.consumer.assignment() if commit and self.consumer is not None else set()
         for tp in revoked:
             mark = self.tracker.watermark(tp)
-            if mark is not None:
+            if tp in still_assigned and mark is not None:
                 self.resume_at[tp] = mark
+            elif tp not in still_assigned:
+                self.resume_at.pop(tp, None)
         self.tracker.drop(revoked)
         for tp in revoked:
             self.metrics.lag.remove(topic=tp.topic, partition=str(tp.partition))
