@@ -112,7 +112,13 @@ def test_two_workers_share_the_partitions_and_answer_every_job(
     """Two workers split the partitions and both answer; then one leaves mid-stream (SIGTERM) and the other takes
     its partitions over in a rebalance with jobs in flight. Every job is answered."""
     ports = [free_port(), free_port()]
-    workers = [spawn(make_settings(worker_id=f"w-{i}", http_port=p, batch_max_packs=1)) for i, p in enumerate(ports)]
+    # A short work queue keeps jobs in each worker's backlog, so the rebalance gives some up: a partition handed
+    # straight back must read them again (without the seek back, 11 of 80 were never answered).
+    settings = [
+        make_settings(worker_id=f"w-{i}", http_port=p, batch_max_packs=1, max_queued_jobs=4)
+        for i, p in enumerate(ports)
+    ]
+    workers = [spawn(s) for s in settings]
     deadline = time.monotonic() + 120
     while True:  # both loaded, joined, and the rebalance settled: 2 + 2 of the 4 partitions
         try:
