@@ -116,7 +116,7 @@ def main() -> None:
         "host_prepare_ms": host_ms(lambda: engine.prepare(requests[0]), 10),
         "host_plan_ms": host_ms(lambda: engine.plan_packs([prepared]), 20),
         "host_pack_arrays_ms": host_ms(lambda: build_pack_arrays(packs[0], [prepared], suffix, 1, pad_id=0), 20),
-        "score_pack_ms": device_ms(lambda: scorer.score_pack(arrays)),
+        "score_pack_ms": device_ms(lambda: scorer.launch_pack(arrays).result()),
         "launch_pack_host_ms": host_ms(lambda: scorer.launch_pack(arrays), 5),
         "score_prepared_ms": device_ms(lambda: engine.score_prepared([prepared])),
     }

@@ -86,10 +86,6 @@ class PackScorer(Protocol):
         """Queue the pack's forward on the device; the scores arrive through the returned handle."""
         ...
 
-    def score_pack(self, arrays: PackArrays) -> npt.NDArray[np.float32]:
-        """P(yes) for each document of the pack, in pack order (`launch_pack` and wait)."""
-        ...
-
     def capture_graphs(self, max_tokens: int) -> int:
         """Capture CUDA graphs for packs up to `max_tokens` where the backend can; returns how many (0: none)."""
         ...
@@ -235,10 +231,6 @@ class TorchScorer:
 
     def capture_graphs(self, max_tokens: int) -> int:
         return 0  # the Hugging Face decoder builds its mask on the host per call: nothing fixed to capture
-
-    def score_pack(self, arrays: PackArrays) -> npt.NDArray[np.float32]:
-        """P(yes) for each document of the pack, in pack order: float32 [num_docs]."""
-        return self.launch_pack(arrays).result()
 
     @torch.inference_mode()
     def launch_pack(self, arrays: PackArrays) -> PendingScores:

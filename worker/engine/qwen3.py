@@ -407,10 +407,6 @@ class Qwen3PackedScorer:
         padded = -(-num_docs // ROWS_MULTIPLE) * ROWS_MULTIPLE
         return np.pad(arrays.doc_ends, (0, padded - num_docs), mode="edge")
 
-    def score_pack(self, arrays: PackArrays) -> npt.NDArray[np.float32]:
-        """P(yes) for each document of the pack, in pack order: float32 [num_docs]."""
-        return self.launch_pack(arrays).result()
-
     def launch_pack(self, arrays: PackArrays) -> PendingScores:
         """Queue the pack's forward; nothing on the graph path waits for the device (the FlashAttention path
         reads no device values either, but its host-side lengths are built from the arrays)."""
