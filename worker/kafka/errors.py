@@ -11,11 +11,14 @@
 from __future__ import annotations
 
 import sys
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from kafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError, RecordListTooLargeError
 
 from worker.engine import InvalidJobError
+
+if TYPE_CHECKING:
+    import tenacity
 
 Category = Literal["permanent", "transient"]
 
@@ -55,6 +58,11 @@ def is_transient(error: BaseException) -> bool:
     if isinstance(error, KafkaTimeoutError):
         return True
     return isinstance(error, KafkaError) and bool(getattr(error, "retriable", False))
+
+
+def retry_error(state: tenacity.RetryCallState) -> BaseException | None:
+    """The failure a tenacity retry is about to repeat (None if the try raised nothing)."""
+    return state.outcome.exception() if state.outcome else None
 
 
 def reason_of(error: BaseException) -> str:

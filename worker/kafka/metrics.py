@@ -11,6 +11,12 @@ import math
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from worker.kafka.errors import reason_of, retry_error
+
+if TYPE_CHECKING:
+    import tenacity
 
 LabelValues = tuple[str, ...]
 
@@ -188,6 +194,12 @@ class WorkerMetrics:
         self.gpu_allocated = Gauge(r, "rerank_gpu_memory_allocated_bytes", "CUDA memory held by tensors.", ["device"])
         self.gpu_reserved = Gauge(r, "rerank_gpu_memory_reserved_bytes", "CUDA memory reserved by torch.", ["device"])
         r.on_scrape(self._collect_gpu_memory)
+
+    def count_retry(self, state: tenacity.RetryCallState) -> None:
+        """tenacity's `before_sleep` for the scoring and publishing retries: one more try, counted by the reason of
+        the failure that caused it (so the last, unrepeated try is not counted)."""
+        error = retry_error(state)
+        self.retries.inc(reason=reason_of(error) if error else "unknown")
 
     def _collect_gpu_memory(self) -> None:
         torch = sys.modules.get("torch")  # loaded by the engine; the loop itself never imports it

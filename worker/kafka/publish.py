@@ -27,7 +27,7 @@ from typing import Any
 import tenacity
 
 from worker.kafka.deadletter import failure_from, without_original_headers, without_value
-from worker.kafka.errors import PermanentError, is_too_large, is_transient, one_line, reason_of
+from worker.kafka.errors import PermanentError, is_too_large, is_transient, one_line, retry_error
 from worker.kafka.logs import job_fields
 from worker.kafka.metrics import WorkerMetrics
 from worker.kafka.records import Failure, Outgoing
@@ -134,8 +134,8 @@ class Publisher(threading.Thread):
         self.finished(o)
 
     def _count_retry(self, state: tenacity.RetryCallState) -> None:
-        error = state.outcome.exception() if state.outcome else None
-        self.metrics.retries.inc(reason=reason_of(error) if error else "unknown")
+        self.metrics.count_retry(state)
+        error = retry_error(state)
         log.warning("publish failed, trying again: %s", one_line(error) if error else "?")
 
     def failed(self, o: Outgoing, error: BaseException, attempts: int) -> None:

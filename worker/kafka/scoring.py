@@ -38,7 +38,7 @@ import tenacity
 from worker.engine import InvalidJobError, JobScores
 from worker.engine.plan import PreparedJob
 from worker.kafka.deadletter import failure_from
-from worker.kafka.errors import error_class, is_out_of_memory, is_transient, one_line, reason_of
+from worker.kafka.errors import error_class, is_out_of_memory, is_transient, one_line
 from worker.kafka.logs import job_fields
 from worker.kafka.metrics import WorkerMetrics
 from worker.kafka.records import Engine, Failure, Outgoing, Submitted, WorkItem
@@ -280,7 +280,7 @@ class Scorer(threading.Thread):
             ),
             retry=tenacity.retry_if_exception(is_transient),
             sleep=self._sleep,
-            before_sleep=self._count_retry,  # only tries that are repeated: not the last one
+            before_sleep=self.metrics.count_retry,
             reraise=True,
         )
         for attempt in retrying:
@@ -303,10 +303,6 @@ class Scorer(threading.Thread):
                         )
                     raise
         raise RuntimeError("tenacity returned without a result. This is a bug.")
-
-    def _count_retry(self, state: tenacity.RetryCallState) -> None:
-        error = state.outcome.exception() if state.outcome else None
-        self.metrics.retries.inc(reason=reason_of(error) if error else "unknown")
 
     def _sleep(self, seconds: float) -> None:
         self.stop_event.wait(seconds)  # a stop cuts the backoff short; the try after it still runs once
