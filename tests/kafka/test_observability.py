@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from worker.engine import InvalidJobError
-from worker.kafka.deadletter import dead_letter, failure_from, header_map, without_value
+from worker.kafka.deadletter import dead_letter, failure_from, header_map, smaller_dead_letter
 from worker.kafka.http import HealthServer
 from worker.kafka.logs import JsonFormatter, job_fields
 from worker.kafka.metrics import Counter, Gauge, Histogram, Registry, WorkerMetrics
@@ -59,7 +59,8 @@ def test_tombstone_and_oversized_dead_letters() -> None:
     letter = dead_letter(tombstone, failure, topic="dlq", group_id="g", worker_id="w", model="m", job_id=None)
     assert letter.value == b""  # Kafka needs a key or a value
     big = dead_letter(RECORD, failure, topic="dlq", group_id="g", worker_id="w", model="m", job_id=None)
-    dropped = without_value(big)
+    dropped = smaller_dead_letter(big)
+    assert dropped is not None
     assert dropped.value == b""
     assert dropped.key == RECORD.key
     assert header_map(dropped.headers)["rerank.original.value.dropped"] == str(len(RECORD.value or b""))

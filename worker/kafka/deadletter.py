@@ -37,6 +37,8 @@ from worker.kafka.errors import error_class, is_transient, one_line, reason_of
 from worker.kafka.records import Failure, Headers, Outgoing, SourceRecord
 
 PREFIX = "rerank."
+VALUE_DROPPED = "rerank.original.value.dropped"
+HEADERS_DROPPED = "rerank.original.headers.dropped"
 _REPLACED = (
     "rerank.error.",
     "rerank.original.",
@@ -101,29 +103,21 @@ def dead_letter(
     )
 
 
-def without_value(letter: Outgoing) -> Outgoing:
-    """Fallback for a dead letter too large for the dead-letter topic itself: the value is dropped, its size kept."""
-    size = len(letter.value or b"")
-    return Outgoing(
-        kind="dead_letter",
-        record=letter.record,
-        topic=letter.topic,
-        key=letter.key,
-        value=b"",
-        headers=[*letter.headers, ("rerank.original.value.dropped", str(size).encode())],
-        job_id=letter.job_id,
-        failure=letter.failure,
-    )
+def smaller_dead_letter(letter: Outgoing) -> Outgoing | None:
+    """The next fallback for a dead letter too large for the dead-letter topic itself: first without its value (its
+    size kept), then also without the original record's own headers (their count kept; they can be most of it);
+    None once both were tried. The header added last says which."""
+    names = {k for k, _ in letter.headers}
+    if VALUE_DROPPED not in names:
+        size = str(len(letter.value or b"")).encode()
+        return replace(letter, value=b"", headers=[*letter.headers, (VALUE_DROPPED, size)])
+    if HEADERS_DROPPED not in names:
+        ours = [(k, v) for k, v in letter.headers if k.startswith(_REPLACED)]
+        dropped = str(len(letter.headers) - len(ours)).encode()
+        return replace(letter, headers=[*ours, (HEADERS_DROPPED, dropped)])
+    return None
 
 
 def header_map(headers: list[tuple[str, bytes]] | tuple[tuple[str, bytes], ...]) -> dict[str, str]:
     """Headers as text (the last value of a repeated name wins): for tests, tools and the client."""
     return {k: v.decode("utf-8", "replace") for k, v in headers}
-
-
-def without_original_headers(letter: Outgoing) -> Outgoing:
-    """Second fallback, for a dead letter still too large without its value (the original record's own headers
-    can be most of it): those headers are dropped too, ours kept, and their count recorded."""
-    ours = [(k, v) for k, v in letter.headers if k.startswith(_REPLACED)]
-    dropped = len(letter.headers) - len(ours)
-    return replace(letter, headers=[*ours, ("rerank.original.headers.dropped", str(dropped).encode())])

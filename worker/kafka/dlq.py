@@ -26,7 +26,7 @@ from typing import Any
 
 from kafka.structs import TopicPartition
 
-from worker.kafka.deadletter import _REPLACED, header_map
+from worker.kafka.deadletter import _REPLACED, VALUE_DROPPED, header_map
 from worker.kafka.errors import FatalError, one_line
 from worker.kafka.replay import format_time
 from worker.settings import Settings
@@ -34,7 +34,6 @@ from worker.settings import Settings
 POLL_TIMEOUT_MS = 200
 STALL_S = 30.0
 REQUEUED_FROM = "rerank.requeued.from"
-VALUE_DROPPED = "rerank.original.value.dropped"
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from typing import Any
 
 import tenacity
 
-from worker.kafka.deadletter import failure_from, without_original_headers, without_value
+from worker.kafka.deadletter import failure_from, smaller_dead_letter
 from worker.kafka.errors import PermanentError, is_too_large, is_transient, one_line, retry_error
 from worker.kafka.logs import job_fields
 from worker.kafka.metrics import WorkerMetrics
@@ -157,16 +157,10 @@ class Publisher(threading.Thread):
             log.warning("result not published (%s): dead-lettering the job", one_line(error), extra=fields)
             letter = self.redirect(o, failure)
             self.settle(letter, self._send(letter))
-        elif is_too_large(error) and not any(k == "rerank.original.value.dropped" for k, _ in o.headers):
-            log.warning("dead letter too large for %s: sending it without its value", o.topic, extra=fields)
-            letter = without_value(o)
-            self.settle(letter, self._send(letter))
-        elif is_too_large(error) and not any(k == "rerank.original.headers.dropped" for k, _ in o.headers):
-            log.warning(
-                "dead letter still too large for %s: sending it without the original headers", o.topic, extra=fields
-            )
-            letter = without_original_headers(o)
-            self.settle(letter, self._send(letter))
+        elif is_too_large(error) and (smaller := smaller_dead_letter(o)) is not None:
+            dropped = smaller.headers[-1][0]  # rerank.original.value.dropped, then .headers.dropped
+            log.warning("dead letter too large for %s: sending it again with %s", o.topic, dropped, extra=fields)
+            self.settle(smaller, self._send(smaller))
         else:
             self.abort.set()
             self.on_fatal(
