@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+import orjson
+
 from worker.engine import EngineInfo, JobScores, ScoreRequest
 from worker.engine.plan import PreparedJob
-from worker.kafka.errors import Category, PermanentError
-from worker.messages import RerankJob, parse_job
+from worker.kafka.errors import Category, PermanentError, one_line
+from worker.messages import RerankJob, RerankResult, parse_job
 
 Headers = list[tuple[str, bytes]]
 
@@ -95,6 +97,22 @@ class SourceRecord:
             if value:
                 return value.decode("utf-8", "replace")
         return job_id or ""
+
+
+def encode_result(result: Callable[[], RerankResult], *, max_message_bytes: int) -> bytes:
+    """The JSON of the result `result()` builds (the way back of `SourceRecord.parse_job`), or PermanentError
+    (stage publish) when it cannot be written (`result_not_serializable`, raised from the cause: the job's own data,
+    such as its metadata, can do that) or is too large (`result_too_large`). Either way that job fails, not the
+    thread that scores or replays it."""
+    try:
+        value = orjson.dumps(result().model_dump(mode="json"))
+    except Exception as e:
+        message = f"the result cannot be written: {one_line(e)}"
+        raise PermanentError("result_not_serializable", message, stage="publish") from e
+    if len(value) > max_message_bytes:
+        message = f"result of {len(value)} bytes exceeds RERANK_MAX_MESSAGE_BYTES={max_message_bytes}"
+        raise PermanentError("result_too_large", message, stage="publish")
+    return value
 
 
 @dataclass

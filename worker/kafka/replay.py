@@ -40,13 +40,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from worker.engine import InvalidJobError, JobScores
 from worker.kafka.errors import FatalError, PermanentError, is_out_of_memory, one_line, reason_of
 from worker.kafka.logs import job_fields
-from worker.kafka.records import Engine, SourceRecord, WorkItem
+from worker.kafka.records import Engine, SourceRecord, WorkItem, encode_result
 from worker.kafka.scoring import FATAL_AFTER_FAILED_JOBS, engine_with_budget
 from worker.messages import ReplayInfo, RerankResult
 from worker.settings import Settings
@@ -440,15 +439,12 @@ class Replay:
             source_timestamp=record.timestamp,
         )
         try:
-            value = orjson.dumps(
-                RerankResult.from_scores(job, scored, engine.info, replay=replay).model_dump(mode="json")
+            value = encode_result(
+                lambda: RerankResult.from_scores(job, scored, engine.info, replay=replay),
+                max_message_bytes=self.settings.max_message_bytes,
             )
-        except Exception as e:  # the job's own data can make its result unwritable: skip it, not the replay
-            self.skip(record, job.job_id, "result_not_serializable", f"the result cannot be written: {one_line(e)}")
-            return
-        if len(value) > self.settings.max_message_bytes:
-            message = f"result of {len(value)} bytes exceeds RERANK_MAX_MESSAGE_BYTES={self.settings.max_message_bytes}"
-            self.skip(record, job.job_id, "result_too_large", message)
+        except PermanentError as e:
+            self.skip(record, job.job_id, e.reason, str(e))
             return
         headers = replay_headers(record, job.job_id, replay_id=self.replay_id, model=engine.info.model)
         headers.append(("rerank.worker.id", self.worker_id.encode()))

@@ -30,18 +30,17 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-import orjson
 import tenacity
 
 from worker.engine import InvalidJobError, JobScores
 from worker.engine.plan import PreparedJob
 from worker.kafka.deadletter import failure_from
-from worker.kafka.errors import error_class, is_out_of_memory, is_transient, one_line
+from worker.kafka.errors import PermanentError, error_class, is_out_of_memory, is_transient, one_line
 from worker.kafka.logs import job_fields
 from worker.kafka.metrics import WorkerMetrics
-from worker.kafka.records import Engine, Failure, Outgoing, Submitted, WorkItem
+from worker.kafka.records import Engine, Failure, Outgoing, Submitted, WorkItem, encode_result
 from worker.messages import RerankResult
 from worker.settings import Settings
 
@@ -323,26 +322,14 @@ class Scorer(threading.Thread):
     def publish_result(self, engine: Engine, item: WorkItem, scored: JobScores) -> None:
         job = item.job
         try:
-            value = orjson.dumps(RerankResult.from_scores(job, scored, engine.info).model_dump(mode="json"))
-        except Exception as e:  # the job's own data can make its result unwritable: that job fails, not the thread
-            failure = Failure(
-                reason="result_not_serializable",
-                category="permanent",
-                stage="publish",
-                error_class=error_class(e),
-                message=f"the result cannot be written: {one_line(e)}",
+            value = encode_result(
+                lambda: RerankResult.from_scores(job, scored, engine.info),
+                max_message_bytes=self.settings.max_message_bytes,
             )
-            self.dead_letter(item, failure)
-            return
-        if len(value) > self.settings.max_message_bytes:
-            failure = Failure(
-                reason="result_too_large",
-                category="permanent",
-                stage="publish",
-                error_class="worker.kafka.errors.PermanentError",
-                message=f"result of {len(value)} bytes exceeds "
-                f"RERANK_MAX_MESSAGE_BYTES={self.settings.max_message_bytes}",
-            )
+        except PermanentError as e:
+            failure = failure_from(e, stage="publish")
+            if e.__cause__ is not None:  # the error that made the result unwritable, as the dead letter's class
+                failure = replace(failure, error_class=error_class(e.__cause__))
             self.dead_letter(item, failure)
             return
         record = item.record
