@@ -11,7 +11,6 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from bench.cpu_side import median_ms as host_ms  # median host time of fn, after one warm-up call
+from bench.throughput import stream as throughput_stream
 from bench.workloads import make_job
 from worker.engine import RerankEngine
 from worker.engine.plan import build_pack_arrays
@@ -146,23 +146,8 @@ def main() -> None:
 
     def stream() -> None:
         """As the worker runs: the next job tokenized on a thread and queued before waiting for the one ahead."""
-        streamed.clear()
-        with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(engine.prepare, requests[0])
-            in_flight = None
-            for i in range(len(requests)):
-                job = pending.result()
-                if i + 1 < len(requests):
-                    pending = pool.submit(engine.prepare, requests[i + 1])
-                if in_flight is not None and not in_flight.fully_queued:
-                    streamed.append(in_flight.result()[0].scores)
-                    in_flight = None
-                queued = engine.submit([job])
-                if in_flight is not None:
-                    streamed.append(in_flight.result()[0].scores)
-                in_flight = queued
-            if in_flight is not None:
-                streamed.append(in_flight.result()[0].scores)
+        batches = throughput_stream(engine, [[r] for r in requests], torch.device("cuda")).results
+        streamed[:] = [scored.scores for batch in batches for scored in batch]
         torch.cuda.synchronize()
 
     for name, fn in (("latency", latency), ("stream", stream)):

@@ -30,7 +30,7 @@ import torch
 
 from bench.compare_per_pair import log_odds, per_pair_scores
 from bench.workloads import make_job
-from worker.engine import RerankEngine, ScoreRequest, ScoringBatch
+from worker.engine import JobScores, RerankEngine, ScoreRequest, ScoringBatch
 from worker.offline import build_random_reranker
 
 
@@ -75,12 +75,13 @@ def workloads(names: str, rng_seed: int) -> list[Workload]:
 class StreamTimes:
     """Where a stream's time goes, per batch: waiting for its tokenizing (should be ~0: it overlaps the GPU),
     `submit` (plan, pack arrays, queue on the device), and `result()` of the batch queued before it (the wait for
-    the device, then collecting). Seconds."""
+    the device, then collecting). Seconds. And each batch's results, in order."""
 
     per_job: list[float] = field(default_factory=list)
     waited_for_prepare: list[float] = field(default_factory=list)
     submitting: list[float] = field(default_factory=list)
     collecting: list[float] = field(default_factory=list)
+    results: list[list[JobScores]] = field(default_factory=list)
 
     def __add__(self, other: StreamTimes) -> StreamTimes:
         return StreamTimes(
@@ -88,6 +89,7 @@ class StreamTimes:
             self.waited_for_prepare + other.waited_for_prepare,
             self.submitting + other.submitting,
             self.collecting + other.collecting,
+            self.results + other.results,
         )
 
 
@@ -103,7 +105,7 @@ def stream(engine: RerankEngine, batches: list[list[ScoreRequest]], device: torc
     def finish(batch: ScoringBatch, jobs: int) -> None:
         nonlocal last
         waiting = time.perf_counter()
-        batch.result()  # host scores: the GPU work is done
+        times.results.append(batch.result())  # host scores: the GPU work is done
         now = time.perf_counter()
         times.collecting.append(now - waiting)
         times.per_job.append((now - last) / jobs)
