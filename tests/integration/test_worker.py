@@ -7,14 +7,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import orjson
 import pytest
 
+from tests.engine_wrappers import ScoresAtResult
 from tests.integration.conftest import (
     ROOT,
     Topics,
@@ -222,7 +221,7 @@ def test_jobs_and_results_larger_than_one_megabyte(
     assert len(record.value) > 1_500_000  # the result itself passed Kafka's default 1 MB limit
 
 
-class SlowFirstBatch:
+class SlowFirstBatch(ScoresAtResult):
     """The engine, but its first batch takes longer than max_poll_interval_ms (a 1,000-document job on a GPU)."""
 
     def __init__(self, inner: RerankEngine, seconds: float) -> None:
@@ -236,12 +235,6 @@ class SlowFirstBatch:
 
     def prepare(self, request: Any) -> PreparedJob:
         return self.inner.prepare(request)
-
-    def submit(self, jobs: Any, *, batch_started: float | None = None) -> Any:
-        """Scores when `result()` is called, so failures surface where the engine's queued batch raises them."""
-        return SimpleNamespace(
-            result=partial(self.score_prepared, jobs, batch_started=batch_started), fully_queued=True
-        )
 
     def score_prepared(self, jobs: Sequence[PreparedJob], *, batch_started: float | None = None) -> list[JobScores]:
         self.calls += 1

@@ -5,8 +5,6 @@ from __future__ import annotations
 import queue
 from collections.abc import Sequence
 from dataclasses import replace
-from functools import partial
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -15,6 +13,7 @@ import pytest
 import torch
 from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError, TopicAuthorizationFailedError
 
+from tests.engine_wrappers import ScoresAtResult
 from worker.engine import EngineInfo, JobScores, RerankEngine, ScoreRequest
 from worker.engine.plan import PreparedJob
 from worker.kafka.deadletter import dead_letter, header_map
@@ -39,7 +38,7 @@ def item(engine: Any, offset: int, docs: Sequence[str], query: str = "what is a 
     return w
 
 
-class Flaky:
+class Flaky(ScoresAtResult):
     """An engine that raises the scripted errors before scoring, and remembers what it was asked."""
 
     def __init__(self, inner: Any, errors: list[BaseException | None], poison: set[int] | None = None) -> None:
@@ -57,12 +56,6 @@ class Flaky:
     def prepare(self, request: ScoreRequest) -> PreparedJob:
         prepared: PreparedJob = self.inner.prepare(request)
         return prepared
-
-    def submit(self, jobs: Any, *, batch_started: float | None = None) -> Any:
-        """Scores when `result()` is called, so failures surface where the engine's queued batch raises them."""
-        return SimpleNamespace(
-            result=partial(self.score_prepared, jobs, batch_started=batch_started), fully_queued=True
-        )
 
     def score_prepared(self, jobs: Sequence[PreparedJob], *, batch_started: float | None = None) -> list[JobScores]:
         self.batches.append(len(jobs))

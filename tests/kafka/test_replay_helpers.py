@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
-from types import SimpleNamespace
 from typing import Any
 
 import orjson
 import pytest
 from kafka.structs import OffsetAndTimestamp, TopicPartition
 
+from tests.engine_wrappers import ScoresAtResult
 from worker.engine import RerankEngine, ScoreRequest
 from worker.kafka.deadletter import header_map
 from worker.kafka.replay import (
@@ -293,7 +292,7 @@ def test_relative_times_can_follow_their_flag() -> None:
     assert _relative_times_attached(["dlq", "list", "--since", "-h"]) == ["dlq", "list", "--since", "-h"]
 
 
-class PoisonEngine:
+class PoisonEngine(ScoresAtResult):
     """The engine, but a batch holding a job whose query is `poison` fails (a bug, or a broken input)."""
 
     def __init__(self, inner: RerankEngine) -> None:
@@ -309,12 +308,6 @@ class PoisonEngine:
         prepared = self.inner.prepare(request)
         self.queries[id(prepared)] = request.query
         return prepared
-
-    def submit(self, jobs: Any, *, batch_started: float | None = None) -> Any:
-        """Scores when `result()` is called, so failures surface where the engine's queued batch raises them."""
-        return SimpleNamespace(
-            result=partial(self.score_prepared, jobs, batch_started=batch_started), fully_queued=True
-        )
 
     def score_prepared(self, jobs: Any, *, batch_started: float | None = None) -> Any:
         self.batches.append(len(jobs))
