@@ -114,15 +114,7 @@ def main() -> None:
         residual = torch.empty_like(x)
 
         def attention_inputs(stream: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            """q, k, v of the residual stream, as `forward_body` makes them."""
-            if scorer.triton_kernels:
-                from worker.engine.kernels import qk_norm_rotary
-
-                qkv = scorer._norm_qkv(stream, w.input_norm, w.qkv, eps)
-                return qk_norm_rotary(qkv, cos[:, 0], sin[:, 0], w.qk_norms, heads, kv_heads, eps)
-            return scorer._attention_inputs(  # type: ignore[no-any-return]
-                stream, cos, sin, w.input_norm, w.qkv, *w.qk_norms, heads, kv_heads, eps
-            )
+            return scorer.layer_qkv(stream, w, cos, sin)  # as `forward_body` makes them
 
         if scorer.triton_kernels:
             from worker.engine.kernels import qk_norm_rotary
@@ -152,7 +144,6 @@ def main() -> None:
             return mlp_block(residual, scorer._attend(qn, kn, vn, mask), w, eps, scorer._norm_gate_up)
 
         residual.copy_(x)
-        whole: float | None = None
         if device.type == "cuda":
             graph = torch.cuda.CUDAGraph()
             side = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]

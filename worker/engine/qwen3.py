@@ -368,18 +368,8 @@ class Qwen3PackedScorer:
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [L, 1, head_dim]
         self._dynamic(x, cos, sin)
         last = len(self.layers) - 1
-        if self.triton_kernels:
-            from worker.engine.kernels import qk_norm_rotary
-
-            cos2d, sin2d = cos[:, 0], sin[:, 0]
         for i, w in enumerate(self.layers):
-            if self.triton_kernels:
-                qkv = self._norm_qkv(x, w.input_norm, w.qkv, self.eps)
-                q, k, v = qk_norm_rotary(qkv, cos2d, sin2d, w.qk_norms, self.heads, self.kv_heads, self.eps)
-            else:
-                q, k, v = self._attention_inputs(
-                    x, cos, sin, w.input_norm, w.qkv, *w.qk_norms, self.heads, self.kv_heads, self.eps
-                )
+            q, k, v = self.layer_qkv(x, w, cos, sin)
             if i == last and out is not None:
                 x_out, attended_out = out
                 return x_out.copy_(x), self._attend(q, k, v, mask, out=attended_out)
@@ -389,6 +379,18 @@ class Qwen3PackedScorer:
                 return x, attended
             x = mlp_block(x, attended, w, self.eps, self._norm_gate_up)
         raise ValueError("a model with no layers")
+
+    def layer_qkv(self, x: Tensor, w: LayerWeights, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One layer's q, k, v ([L, heads or kv_heads, head_dim]) from the residual stream; cos, sin: [L, 1, D]."""
+        if self.triton_kernels:
+            from worker.engine.kernels import qk_norm_rotary
+
+            qkv = self._norm_qkv(x, w.input_norm, w.qkv, self.eps)
+            return qk_norm_rotary(qkv, cos[:, 0], sin[:, 0], w.qk_norms, self.heads, self.kv_heads, self.eps)
+        q, k, v = self._attention_inputs(
+            x, cos, sin, w.input_norm, w.qkv, *w.qk_norms, self.heads, self.kv_heads, self.eps
+        )
+        return q, k, v
 
     def forward_tail(self, x: Tensor, attended: Tensor, ends: Tensor) -> Tensor:
         """The last layer's o_proj and MLP, final norm and yes-minus-no, on the document-end rows only."""
