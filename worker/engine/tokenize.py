@@ -88,7 +88,7 @@ class PromptTokenizer:
         return clone
 
     @staticmethod
-    def _ids(ids: Sequence[int]) -> TokenIds:
+    def _ids(ids: Sequence[int] | TokenIds) -> TokenIds:
         return np.asarray(ids, dtype=np.int32)
 
     def _single_token_id(self, word: str) -> int:
@@ -127,6 +127,7 @@ class PromptTokenizer:
         missing = [i for i, e in enumerate(out) if e is None]
         if missing:
             tails = [document_tail(texts[i]) for i in missing]
+            encodings: Sequence[Sequence[int] | TokenIds]
             if self._fast is not None:
                 encodings = self._fast.encode_batch(tails)
             else:
@@ -134,7 +135,10 @@ class PromptTokenizer:
                 encode = getattr(self._plain, "encode_batch_fast", self._plain.encode_batch)
                 encodings = [e.ids for e in encode(tails, add_special_tokens=False)]
             for i, ids in zip(missing, encodings, strict=True):
-                doc = EncodedDocument(self._ids(ids[: self.max_doc_tokens]), len(ids) > self.max_doc_tokens)
+                kept = self._ids(ids[: self.max_doc_tokens])
+                if self._doc_cache_size and kept.base is not None:
+                    kept = kept.copy()  # a view into the whole batch's ids would keep all of them cached
+                doc = EncodedDocument(kept, len(ids) > self.max_doc_tokens)
                 out[i] = doc
                 self._cache_put(texts[i], doc)
         return [doc for doc in out if doc is not None]
