@@ -133,16 +133,40 @@ def check_kernels(device: str, dtype_name: str, heads: int = 4, kv_heads: int = 
             )
 
 
+def check_gate_up_silu(device: str, dtype_name: str) -> None:
+    """The fused gate/up matmul + SiLU * up against the unfused steps in float64 (rounded where they round): row
+    counts that leave a partial tile, a hidden size of several key steps, an intermediate size of two chunks."""
+    from worker.engine.kernels import gate_up_silu
+
+    dtype = getattr(torch, dtype_name)
+    tol = TOLERANCE[dtype]
+    gen = torch.Generator().manual_seed(1)
+    hidden, intermediate = 192, 256
+    weight = ((torch.rand(2 * intermediate, hidden, generator=gen) - 0.5) * 0.3).to(device=device, dtype=dtype)
+    for length in (1, 130, 300):
+        x = (torch.rand(length, hidden, generator=gen) * 2 - 1).to(device=device, dtype=dtype)
+        product = (x.double() @ weight.double().T).to(dtype).float()  # the matmul's output, rounded
+        gate, up = product.chunk(2, dim=-1)
+        expected = (torch.nn.functional.silu(gate) * up).to(dtype)
+        got = gate_up_silu(x, weight)
+        assert got.shape == (length, intermediate)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, expected, rtol=tol, atol=tol, msg=lambda m: f"{length} rows: {m}")  # noqa: B023
+    with pytest.raises(ValueError, match="multiple of 128"):
+        gate_up_silu(x, weight[:200])
+
+
 # numpy (under the interpreter) has no bfloat16
 DTYPES = ["bfloat16", "float16", "float32"] if torch.cuda.is_available() else ["float32", "float16"]
 
 
-def run_check(dtype: str, heads: int = 4, kv_heads: int = 2) -> None:
+def run_check(dtype: str, heads: int = 4, kv_heads: int = 2, check: str = "check_kernels") -> None:
+    args = (dtype, heads, kv_heads) if check == "check_kernels" else (dtype,)
     if torch.cuda.is_available():
-        check_kernels("cuda", dtype, heads, kv_heads)
+        globals()[check]("cuda", *args)
         return
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    code = f"from tests.engine.test_kernels import check_kernels; check_kernels('cpu', {dtype!r}, {heads}, {kv_heads})"
+    code = f"from tests.engine.test_kernels import {check}; {check}('cpu', *{args!r})"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
 
@@ -156,6 +180,23 @@ def test_kernels(dtype: str) -> None:
 def test_kernels_for_other_query_groupings(heads: int, kv_heads: int) -> None:
     """Query heads per key/value head 1, 4 and 8 (Qwen3-Reranker-4B/8B have 4): other tile shapes of pack_attention."""
     run_check("bfloat16" if torch.cuda.is_available() else "float32", heads, kv_heads)
+
+
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d != "float32" or not torch.cuda.is_available()])
+def test_gate_up_silu(dtype: str) -> None:
+    run_check(dtype, check="check_gate_up_silu")
+
+
+def test_gate_up_silu_serves_half_precision_on_hopper_only() -> None:
+    from worker.engine.kernels import gate_up_silu_unsupported
+
+    assert gate_up_silu_unsupported(torch.device("cpu"), torch.bfloat16, 3072) == "not a CUDA device"
+    if torch.cuda.is_available():
+        cuda = torch.device("cuda")
+        assert "tf32" in (gate_up_silu_unsupported(cuda, torch.float32, 3072) or "")
+        hopper = torch.cuda.get_device_capability() >= (9, 0)
+        assert (gate_up_silu_unsupported(cuda, torch.bfloat16, 3072) is None) == hopper
+        assert "multiple of 128" in (gate_up_silu_unsupported(cuda, torch.bfloat16, 3000) or "")
 
 
 def test_qk_norm_rotary_refuses_inputs_past_its_int32_row_index() -> None:

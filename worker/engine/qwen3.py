@@ -8,7 +8,8 @@ norms and rotary, and one mask build per call cost more than the matmuls at 32k 
                        `flash_varlen`, FlashAttention varlen per segment plus `kernels.head_attention_merge`);
                        CUDA fp32: FlexAttention over the pack's block structure; CPU: SDPA with a dense mask
     mlp_block          o_proj and down_proj with the residual added in the matmul (`addmm_`); between them
-                       RMSNorm, one fused gate/up matmul, SiLU * up (compiled on CUDA)
+                       RMSNorm, one fused gate/up matmul, SiLU * up (compiled on CUDA; bf16/fp16 on Hopper: the
+                       matmul and SiLU * up are one Triton kernel, `kernels.gate_up_silu`)
 The last layer runs its o_proj and MLP on the document-end rows only (nothing else is read), and the final norm
 and the fp32 yes-minus-no product see only those rows. The math is Qwen3's, operation for operation (RMSNorm in
 fp32 cast back before the weight, rotate-half rotary from the model's own rotary module), except that each residual
@@ -266,6 +267,7 @@ class Qwen3PackedScorer:
         self._attention_inputs: Any = attention_inputs
         self._norm_qkv: Any = norm_qkv
         self._norm_gate_up: Any = norm_gate_up
+        self._rms_norm: Any = rms_norm
         self._flex: Any = None
         if attention == "flex_attention":
             from torch.nn.attention.flex_attention import flex_attention
@@ -276,8 +278,25 @@ class Qwen3PackedScorer:
             self._attention_inputs = torch.compile(attention_inputs, fullgraph=True)
             self._norm_qkv = torch.compile(norm_qkv, fullgraph=True)
             self._norm_gate_up = torch.compile(norm_gate_up, fullgraph=True)
+            self._rms_norm = torch.compile(rms_norm, fullgraph=True)
             if self._flex is not None:
                 self._flex = torch.compile(self._flex, fullgraph=True)
+        # bf16/fp16 on Hopper or newer: the MLP's gate/up matmul with SiLU * up in its epilogue (Triton, TMA)
+        self.fused_gate_up_reason: str | None = "not a CUDA device"
+        if self.triton_kernels:
+            from worker.engine.kernels import gate_up_silu_unsupported
+
+            intermediate = self.layers[0].gate_up.shape[0] // 2 if self.layers else 0
+            self.fused_gate_up_reason = gate_up_silu_unsupported(self.device, self.dtype, intermediate)
+        if self.fused_gate_up_reason is None:
+            self._norm_gate_up = self._norm_gate_up_fused
+
+    def _norm_gate_up_fused(self, x: Tensor, post_norm: Tensor, gate_up_weight: Tensor, eps: float) -> Tensor:
+        """`norm_gate_up` with the matmul and SiLU * up in one Triton kernel (`kernels.gate_up_silu`): the
+        [L, 2 x intermediate] matmul output is never written (~4 ms per 32k-token pack on an H100)."""
+        from worker.engine.kernels import gate_up_silu
+
+        return gate_up_silu(self._rms_norm(x, post_norm, eps), gate_up_weight)
 
     @property
     def info(self) -> BackendInfo:
