@@ -190,13 +190,15 @@ def test_gate_up_silu(dtype: str) -> None:
 def test_gate_up_silu_serves_half_precision_on_hopper_only() -> None:
     from worker.engine.kernels import gate_up_silu_unsupported
 
-    assert gate_up_silu_unsupported(torch.device("cpu"), torch.bfloat16, 3072) == "not a CUDA device"
+    assert gate_up_silu_unsupported(torch.device("cpu"), torch.bfloat16, 3072, 1024) == "not a CUDA device"
     if torch.cuda.is_available():
         cuda = torch.device("cuda")
-        assert "tf32" in (gate_up_silu_unsupported(cuda, torch.float32, 3072) or "")
         hopper = torch.cuda.get_device_capability() >= (9, 0)
-        assert (gate_up_silu_unsupported(cuda, torch.bfloat16, 3072) is None) == hopper
-        assert "multiple of 128" in (gate_up_silu_unsupported(cuda, torch.bfloat16, 3000) or "")
+        assert (gate_up_silu_unsupported(cuda, torch.bfloat16, 3072, 1024) is None) == hopper
+        if hopper:
+            assert "tf32" in (gate_up_silu_unsupported(cuda, torch.float32, 3072, 1024) or "")
+            assert "multiple of 128" in (gate_up_silu_unsupported(cuda, torch.bfloat16, 3000, 1024) or "")
+            assert "multiple of 8" in (gate_up_silu_unsupported(cuda, torch.bfloat16, 3072, 1020) or "")
 
 
 def test_qk_norm_rotary_refuses_inputs_past_its_int32_row_index() -> None:

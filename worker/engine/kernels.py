@@ -458,7 +458,7 @@ def _gate_up_silu_kernel(
         out_desc.store([pid_m * BLOCK_M, pid_n * CHUNK], (gate * tl.sigmoid(gate) * up).to(dtype))
 
 
-def gate_up_silu_unsupported(device: torch.device, dtype: torch.dtype, intermediate: int) -> str | None:
+def gate_up_silu_unsupported(device: torch.device, dtype: torch.dtype, intermediate: int, hidden: int) -> str | None:
     """Why `gate_up_silu` does not serve this model and device (None if it does)."""
     if device.type != "cuda":
         return "not a CUDA device"
@@ -468,6 +468,8 @@ def gate_up_silu_unsupported(device: torch.device, dtype: torch.dtype, intermedi
         return f"{dtype} (its matmul would run in tf32)"
     if intermediate % GATE_UP_CHUNK:
         return f"intermediate size {intermediate} is not a multiple of {GATE_UP_CHUNK}"
+    if hidden % 8:
+        return f"hidden size {hidden} is not a multiple of 8 (TMA wants rows of whole 16-byte units)"
     return None
 
 

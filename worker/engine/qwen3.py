@@ -286,8 +286,8 @@ class Qwen3PackedScorer:
         if self.triton_kernels:
             from worker.engine.kernels import gate_up_silu_unsupported
 
-            intermediate = self.layers[0].gate_up.shape[0] // 2 if self.layers else 0
-            self.fused_gate_up_reason = gate_up_silu_unsupported(self.device, self.dtype, intermediate)
+            intermediate, hidden = self.layers[0].gate_up.shape if self.layers else (0, 0)
+            self.fused_gate_up_reason = gate_up_silu_unsupported(self.device, self.dtype, intermediate // 2, hidden)
         if self.fused_gate_up_reason is None:
             self._norm_gate_up = self._norm_gate_up_fused
 
