@@ -66,6 +66,31 @@ def test_texts_are_encoded_alone_though_joined(plain: Tokenizer, fast: FastBPE) 
     assert [ids.tolist() for ids in fast.encode_batch(clean)] == slow_ids(plain, clean)
 
 
+def test_a_text_holding_the_separator_leaves_the_others_joined(
+    plain: Tokenizer, fast: FastBPE, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    texts = [" a", f" b{fast_bpe.SEPARATOR}c", " d e", ""]
+    alone: list[str] = []
+    encode_ordinary = fast._encoding.encode_ordinary
+    monkeypatch.setattr(fast._encoding, "encode_ordinary", lambda t: alone.append(t) or encode_ordinary(t))
+    assert [ids.tolist() for ids in fast.encode_batch(texts)] == slow_ids(plain, texts)
+    assert alone == [texts[1]]
+
+
+def test_probe_texts_go_through_the_joined_path() -> None:
+    assert not any(fast_bpe.SEPARATOR in t for t in fast_bpe._probe_texts())
+
+
+def test_separator_id_is_the_special_token_even_if_the_vocabulary_has_its_bytes() -> None:
+    import tiktoken
+
+    ranks = {bytes([b]): b for b in range(256)} | {fast_bpe.SEPARATOR.encode(): 256}
+    special = {fast_bpe.SEPARATOR: 257}
+    fast = FastBPE(tiktoken.Encoding("t", pat_str=r"\S+|\s+", mergeable_ranks=ranks, special_tokens=special), None)
+    assert fast._separator_id == 257
+    assert [ids.tolist() for ids in fast.encode_batch(["ab", "c"])] == [[97, 98], [99]]
+
+
 @given(st.lists(st.one_of(st.text(), tricky_text), min_size=1, max_size=8))
 def test_random_text(plain: Tokenizer, fast: FastBPE, texts: list[str]) -> None:
     assert [ids.tolist() for ids in fast.encode_batch(texts)] == slow_ids(plain, texts)

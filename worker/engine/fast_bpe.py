@@ -85,8 +85,9 @@ class FastBPE:
     def __init__(self, encoding: Any, normalizer: Any) -> None:
         self._encoding = encoding
         self._normalizer = normalizer
-        self._separator_id: int = encoding.encode_single_token(SEPARATOR)
         self._allowed = frozenset([SEPARATOR])
+        # as a special token (a vocabulary could also hold U+E000's bytes as an ordinary token)
+        (self._separator_id,) = encoding.encode(SEPARATOR, allowed_special=self._allowed)
         # Large batches are split over the cores (each encode call releases the GIL); a pool made once, since
         # starting threads per call costs more than a job's documents take (tiktoken's own batch call does that).
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -157,15 +158,30 @@ class FastBPE:
     def _encode_joined(self, texts: Sequence[str]) -> list[TokenIds]:
         """One tiktoken call for all texts, joined on SEPARATOR (a special token here): per-text calls each take
         and give back the GIL, which serialized threads (two threads were slower than one). tiktoken runs its regex
-        on the text between special tokens alone, so each text is split exactly as if it were encoded by itself."""
+        on the text between special tokens alone, so each text is split exactly as if it were encoded by itself.
+        A text that holds SEPARATOR itself would be cut there: it is encoded alone."""
         norm = self._normalizer
         if norm is not None:
             texts = [t if t.isascii() else norm.normalize_str(t) for t in texts]  # ASCII is NFC already
         joined = SEPARATOR.join(texts) + SEPARATOR
+        if joined.count(SEPARATOR) == len(texts):  # no text holds it
+            return self._split(joined, len(texts))
+        out: list[TokenIds] = [np.empty(0, dtype=np.int32)] * len(texts)
+        clean = [i for i, t in enumerate(texts) if SEPARATOR not in t]
+        for i in set(range(len(texts))) - set(clean):
+            out[i] = np.asarray(self._encoding.encode_ordinary(texts[i]), dtype=np.int32)
+        if clean:
+            joined = SEPARATOR.join(texts[i] for i in clean) + SEPARATOR
+            for i, ids in zip(clean, self._split(joined, len(clean)), strict=True):
+                out[i] = ids
+        return out
+
+    def _split(self, joined: str, count: int) -> list[TokenIds]:
+        """Ids of `count` texts joined on SEPARATOR (none holding it), each text's own."""
         ids = self._encoding.encode_to_numpy(joined, allowed_special=self._allowed, disallowed_special=())
         ends = np.flatnonzero(ids == self._separator_id)
-        if len(ends) != len(texts):  # some text holds the separator character itself: encode each alone
-            return [np.asarray(self._encoding.encode_ordinary(t), dtype=np.int32) for t in texts]
+        if len(ends) != count:
+            raise RuntimeError(f"{len(ends)} separators in the ids of {count} joined texts. This is a bug.")
         ids = ids.astype(np.int32)
         starts = [0, *(ends[:-1] + 1).tolist()]
         return [ids[a:b] for a, b in zip(starts, ends.tolist(), strict=True)]
@@ -216,13 +232,15 @@ def _split_ties_agree(fast: FastBPE, tokenizer: Tokenizer, vocab: dict[str, int]
 
 
 def _probe_texts() -> list[str]:
-    """Every code point below U+3000 and the first code point of each Unicode category above it, in contexts."""
+    """Every code point below U+3000 and the first code point of each Unicode category above it, in contexts (not
+    the separator: the probe is for the joined path, tests cover texts that hold it)."""
     import unicodedata
 
     first_of: dict[str, int] = {}
     for c in range(0x3000, sys.maxunicode + 1):
         if not 0xD800 <= c <= 0xDFFF:
             first_of.setdefault(unicodedata.category(chr(c)), c)
+    first_of["Co"] = ord(SEPARATOR) + 1  # the private-use area's first character is the separator: take the next
     points = [c for c in range(1, 0x3000) if not 0xD800 <= c <= 0xDFFF] + sorted(first_of.values())
     return [
         "".join(f" {ch}a{ch}1{ch}{ch}\n{ch}  {ch}'s" for ch in map(chr, points[i : i + 256]))
