@@ -188,7 +188,7 @@ def test_gate_up_silu(dtype: str) -> None:
 
 
 def test_gate_up_silu_serves_half_precision_on_hopper_only() -> None:
-    from worker.engine.kernels import gate_up_silu_unsupported
+    from worker.engine.kernels import gate_up_silu, gate_up_silu_unsupported
 
     assert gate_up_silu_unsupported(torch.device("cpu"), torch.bfloat16, 3072, 1024) == "not a CUDA device"
     if torch.cuda.is_available():
@@ -199,6 +199,37 @@ def test_gate_up_silu_serves_half_precision_on_hopper_only() -> None:
             assert "tf32" in (gate_up_silu_unsupported(cuda, torch.float32, 3072, 1024) or "")
             assert "multiple of 128" in (gate_up_silu_unsupported(cuda, torch.bfloat16, 3000, 1024) or "")
             assert "multiple of 8" in (gate_up_silu_unsupported(cuda, torch.bfloat16, 3072, 1020) or "")
+            x = torch.zeros(4, 1024, device=cuda)
+            with pytest.raises(ValueError, match="tf32"):
+                gate_up_silu(x, torch.zeros(6144, 1024, device=cuda))
+
+
+@pytest.mark.parametrize(
+    ("capability", "shared", "served"),
+    [
+        ((9, 0), 232448, True),
+        ((10, 0), 232448, True),
+        ((12, 0), 101376, False),
+        ((9, 0), None, True),
+        ((12, 0), None, False),
+    ],
+)
+def test_gate_up_silu_needs_its_shared_memory(
+    monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], shared: int | None, served: bool
+) -> None:
+    """Its tiles need ~180 KiB of shared memory per block: H100/H200/B200 have 227-228, consumer Blackwell (12.x)
+    about 99. Without the property (older torch), datacenter Hopper and Blackwell by compute capability."""
+    from types import SimpleNamespace
+
+    from worker.engine.kernels import gate_up_silu_unsupported
+
+    props = SimpleNamespace() if shared is None else SimpleNamespace(shared_memory_per_block_optin=shared)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    reason = gate_up_silu_unsupported(torch.device("cuda"), torch.bfloat16, 3072, 1024)
+    assert (reason is None) == served, reason
+    if not served:
+        assert "shared memory" in (reason or "")
 
 
 def test_qk_norm_rotary_refuses_inputs_past_its_int32_row_index() -> None:

@@ -412,6 +412,9 @@ def pack_attention(
 # plus the compiled SiLU * up (a 128 x 128 tile with separate gate and up accumulators: 759 us; not persistent,
 # plain pointer loads: 834 us).
 GATE_UP_BLOCK_M, GATE_UP_CHUNK, GATE_UP_BLOCK_K = 128, 128, 64
+# 3 stages of an x box and a weight box (16 + 32 KiB) and the output tile (32 KiB), with room: H100/H200/B200 allow
+# 227-228 KiB per block, consumer Blackwell (compute capability 12.x) about 99
+GATE_UP_SHARED_BYTES = 180 * 1024
 
 
 @triton.jit
@@ -422,7 +425,7 @@ def _tile_of(tile, per_group, num_m, GROUP_M: tl.constexpr):
     return first_m + (tile % per_group) % size_m, (tile % per_group) // size_m
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["length"])  # a pack's length, or a tail's row count, must not compile a new variant
 def _gate_up_silu_kernel(
     x_desc,  # [L, hidden], block [BLOCK_M, BLOCK_K]
     w_desc,  # the fused weight as [2, intermediate, hidden], block [2, CHUNK, BLOCK_K]
@@ -434,7 +437,7 @@ def _gate_up_silu_kernel(
     CHUNK: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    PROGRAMS: tl.constexpr,
+    PROGRAMS: tl.constexpr,  # one per SM, whatever the length (programs past the last tile do nothing)
 ):
     dtype = out_desc.dtype
     num_m = tl.cdiv(length, BLOCK_M)
@@ -462,8 +465,13 @@ def gate_up_silu_unsupported(device: torch.device, dtype: torch.dtype, intermedi
     """Why `gate_up_silu` does not serve this model and device (None if it does)."""
     if device.type != "cuda":
         return "not a CUDA device"
-    if torch.cuda.get_device_capability(device) < (9, 0):
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (9, 0):
         return "TMA loads need compute capability 9.0 (Hopper) or newer"
+    shared = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+    enough = capability[0] in (9, 10) if shared is None else shared >= GATE_UP_SHARED_BYTES
+    if not enough:
+        return f"its tiles need {GATE_UP_SHARED_BYTES // 1024} KiB of shared memory per block (this GPU: {shared})"
     if dtype not in (torch.bfloat16, torch.float16):
         return f"{dtype} (its matmul would run in tf32)"
     if intermediate % GATE_UP_CHUNK:
@@ -489,14 +497,15 @@ def gate_up_silu(x: Tensor, gate_up: Tensor) -> Tensor:
         raise ValueError("gate_up_silu wants a [2 x intermediate, hidden] weight, intermediate a multiple of 128")
     if not (x.is_contiguous() and gate_up.is_contiguous()) or x.dtype != gate_up.dtype:
         raise ValueError("gate_up_silu wants a contiguous x and weight of one dtype")
+    if x.is_cuda and x.dtype == torch.float32:
+        raise ValueError("gate_up_silu takes bf16 or fp16 on CUDA: its fp32 matmul would run in tf32")
     out = torch.empty(length, intermediate, dtype=x.dtype, device=x.device)
     if length == 0:
         return out
     x_desc = TensorDescriptor.from_tensor(x, [GATE_UP_BLOCK_M, GATE_UP_BLOCK_K])
     w_desc = TensorDescriptor.from_tensor(gate_up.view(2, intermediate, hidden), [2, GATE_UP_CHUNK, GATE_UP_BLOCK_K])
     out_desc = TensorDescriptor.from_tensor(out, [GATE_UP_BLOCK_M, GATE_UP_CHUNK])
-    tiles = triton.cdiv(length, GATE_UP_BLOCK_M) * (intermediate // GATE_UP_CHUNK)
-    programs = min(_programs(x.device), tiles)
+    programs = _programs(x.device)  # not fewer for a short input: each count would be a variant compiled anew
     _gate_up_silu_kernel[(programs,)](
         x_desc, w_desc, out_desc, length, intermediate, hidden,
         BLOCK_M=GATE_UP_BLOCK_M, CHUNK=GATE_UP_CHUNK, BLOCK_K=GATE_UP_BLOCK_K, GROUP_M=4, PROGRAMS=programs,
