@@ -506,7 +506,10 @@ class PackGraphs:
         self.x_out = torch.empty((longest, scorer.embed.shape[1]), device=device, dtype=dtype)
         self.attended_out = torch.empty((longest, scorer.heads, scorer.head_dim), device=device, dtype=dtype)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        for bucket in buckets:
+        # Longest first: the graphs share one pool, and a block one capture freed can be split for a smaller
+        # request of a later capture but never serve a bigger one, so shortest-first left every bucket's blocks
+        # cached side by side (replays never overlap and keep nothing in the pool, so sharing is safe either way).
+        for bucket in sorted(buckets, reverse=True):
             self._capture(bucket)
 
     def fits(self, num_tokens: int) -> bool:
