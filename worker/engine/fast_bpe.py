@@ -167,9 +167,12 @@ class FastBPE:
         if joined.count(SEPARATOR) == len(texts):  # no text holds it
             return self._split(joined, len(texts))
         out: list[TokenIds] = [np.empty(0, dtype=np.int32)] * len(texts)
-        clean = [i for i, t in enumerate(texts) if SEPARATOR not in t]
-        for i in set(range(len(texts))) - set(clean):
-            out[i] = np.asarray(self._encoding.encode_ordinary(texts[i]), dtype=np.int32)
+        clean = []
+        for i, text in enumerate(texts):
+            if SEPARATOR in text:
+                out[i] = np.asarray(self._encoding.encode_ordinary(text), dtype=np.int32)
+            else:
+                clean.append(i)
         if clean:
             joined = SEPARATOR.join(texts[i] for i in clean) + SEPARATOR
             for i, ids in zip(clean, self._split(joined, len(clean)), strict=True):
