@@ -160,8 +160,8 @@ def check_gate_up_silu(device: str, dtype_name: str) -> None:
 DTYPES = ["bfloat16", "float16", "float32"] if torch.cuda.is_available() else ["float32", "float16"]
 
 
-def run_check(dtype: str, heads: int = 4, kv_heads: int = 2, check: str = "check_kernels") -> None:
-    args = (dtype, heads, kv_heads) if check == "check_kernels" else (dtype,)
+def run_check(check: str, *args: object) -> None:
+    """`check` (a function of this module, by name) on the GPU, or on CPU under Triton's interpreter in a child."""
     if torch.cuda.is_available():
         globals()[check]("cuda", *args)
         return
@@ -173,18 +173,18 @@ def run_check(dtype: str, heads: int = 4, kv_heads: int = 2, check: str = "check
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kernels(dtype: str) -> None:
-    run_check(dtype)
+    run_check("check_kernels", dtype)
 
 
 @pytest.mark.parametrize(("heads", "kv_heads"), [(2, 2), (8, 2), (8, 1)])
 def test_kernels_for_other_query_groupings(heads: int, kv_heads: int) -> None:
     """Query heads per key/value head 1, 4 and 8 (Qwen3-Reranker-4B/8B have 4): other tile shapes of pack_attention."""
-    run_check("bfloat16" if torch.cuda.is_available() else "float32", heads, kv_heads)
+    run_check("check_kernels", "bfloat16" if torch.cuda.is_available() else "float32", heads, kv_heads)
 
 
 @pytest.mark.parametrize("dtype", [d for d in DTYPES if d != "float32" or not torch.cuda.is_available()])
 def test_gate_up_silu(dtype: str) -> None:
-    run_check(dtype, check="check_gate_up_silu")
+    run_check("check_gate_up_silu", dtype)
 
 
 def test_gate_up_silu_serves_half_precision_on_hopper_only() -> None:
