@@ -135,7 +135,10 @@ def main() -> None:
         steps["post RMSNorm + gate/up matmul + SiLU * up"] = time_us(
             lambda: scorer._norm_gate_up(x, w.post_norm, w.gate_up, eps)
         )
-        steps["  of which the gate/up matmul alone"] = time_us(lambda: F.linear(x, w.gate_up))
+        matmul_alone = "  of which the gate/up matmul alone"
+        if scorer.fused_gate_up_reason is None:  # the step above is kernels.gate_up_silu: no separate matmul in it
+            matmul_alone = "  (cuBLAS gate/up matmul alone, which gate_up_silu replaces)"
+        steps[matmul_alone] = time_us(lambda: F.linear(x, w.gate_up))
         steps["down_proj + residual"] = time_us(lambda: torch.addmm(x, gated, w.down.t(), out=residual))
 
         def layer() -> torch.Tensor:
