@@ -43,6 +43,10 @@ if TYPE_CHECKING:
 
 PackedAttention = Literal["triton", "flash_varlen", "flex_attention", "sdpa"]
 FLEX_BLOCK = 128
+# Triton specializes an integer argument on its divisibility by 16, so pack lengths of both kinds compiled a second
+# variant of qk_norm_rotary and pack_attention while serving (bench.warmup with RERANK_CUDA_GRAPHS=false, H100).
+# Kernel-by-kernel packs padded to a multiple of 16 keep one variant (graphs pad to their buckets anyway).
+TRITON_LENGTH_MULTIPLE = 16
 # Document-end rows are padded to a multiple of this (repeating the last end) so their count never hits the
 # compiler's 0/1 specializations or changes a graph's shape class.
 ROWS_MULTIPLE = 16
@@ -261,7 +265,7 @@ class Qwen3PackedScorer:
         self.compiled = compile
         self.use_cuda_graphs = cuda_graphs
         self.graphs: PackGraphs | None = None  # captured by capture_graphs (the engine's warm-up)
-        self.pad_to_multiple = FLEX_BLOCK if attention == "flex_attention" else 1
+        self.pad_to_multiple = {"flex_attention": FLEX_BLOCK, "triton": TRITON_LENGTH_MULTIPLE}.get(attention, 1)
         # Triton kernels wherever CUDA is (they need no compiler step of torch's, only Triton)
         self.triton_kernels = self.device.type == "cuda"
         self._attention_inputs: Any = attention_inputs
