@@ -283,7 +283,10 @@ class RerankEngine:
                 offset += n
         for scores in unique_scores:
             if np.isnan(scores).any():
-                raise RuntimeError("a document was planned into no pack or scored NaN. This is a bug.")
+                raise RuntimeError(
+                    "a document was planned into no pack or scored NaN: with RERANK_DTYPE=float16 an activation past "
+                    "65,504 overflows (use bfloat16); otherwise this is a bug."
+                )
         return unique_scores, pending[-1].device_ms(pending[0]) if pending else None
 
     def collect(
