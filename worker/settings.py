@@ -36,9 +36,10 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="Model weights and activations: `auto` is bfloat16 on CUDA and float32 on CPU. "
-        "The final yes/no projection always runs in float32. `float16` runs 4-6% slower than bfloat16 on an H100 and agrees with the "
-        "per-pair path ~8x more closely (0.17% vs 1.5% of the log-odds range on random weights, docs/PERFORMANCE.md), "
-        "but activations past 65,504 overflow: untried on the real weights, so not the default.",
+        "The final yes/no projection always runs in float32. `float16` runs 4-6% slower than bfloat16 on an H100 "
+        "and agrees with the per-pair path 7-9x more closely (0.16-0.17% vs 1.2-1.5% of the log-odds range on "
+        "random weights, docs/PERFORMANCE.md), but activations past 65,504 overflow: untried on the real weights, "
+        "so not the default.",
     )
     attention: Literal["auto", "triton", "flash_varlen", "flex_attention", "sdpa", "eager"] = Field(
         "auto",
