@@ -53,8 +53,8 @@ class RerankClient:
         self.client_id = client_id or f"rerank-client-{uuid.uuid4().hex[:8]}"
         self.producer = KafkaProducer(**producer_kwargs(self.settings, client_id=self.client_id))
         self._readers: dict[str, Any] = {}  # topic -> KafkaConsumer assigned to all its partitions
-        self.outcomes: dict[str, Outcome] = {}
-        self._waiting: set[str] = set()  # job ids submitted or waited for: other clients' answers are not kept
+        self.outcomes: dict[str, Outcome] = {}  # answers read but not yet handed out by `wait`
+        self._waiting: set[str] = set()  # job ids to keep answers for: other clients' answers are not kept
 
     def __enter__(self) -> RerankClient:
         return self
@@ -84,10 +84,11 @@ class RerankClient:
         timeout_s: float = 60,
         listen: bool = True,
     ) -> list[str]:
-        """Send many jobs in one go (one acknowledgement wait). `listen=False` skips preparing `wait`."""
+        """Send many jobs in one go (one acknowledgement wait). `listen=False` (fire and forget) skips preparing
+        `wait` and remembers nothing of the jobs."""
         parsed = [j if isinstance(j, RerankJob) else RerankJob.model_validate(j) for j in jobs]
-        self._waiting.update(j.job_id for j in parsed)
         if listen:
+            self._waiting.update(j.job_id for j in parsed)
             for topic in {j.reply_topic or self.settings.results_topic for j in parsed} | {self.settings.dlq_topic}:
                 self.listen(topic)
         futures = []
@@ -117,7 +118,9 @@ class RerankClient:
         self._readers[topic] = reader
 
     def wait(self, job_ids: Sequence[str], *, timeout_s: float = 60) -> dict[str, Outcome]:
-        """Each job's result or dead letter; raises TimeoutError naming the jobs still unanswered."""
+        """Each job's result or dead letter; raises TimeoutError naming the jobs still unanswered. An answer is
+        handed out once: the client then forgets the job (a long-running client keeps no history), and a duplicate
+        of its answer arriving later is ignored."""
         deadline = time.monotonic() + timeout_s
         self._waiting.update(job_ids)
         pending = [j for j in job_ids if j not in self.outcomes]
@@ -128,7 +131,8 @@ class RerankClient:
                 raise TimeoutError(f"no answer in {timeout_s:g}s for {len(pending)} of {len(job_ids)} jobs: {shown}")
             self._read(min(left, 0.2))
             pending = [j for j in pending if j not in self.outcomes]
-        return {j: self.outcomes[j] for j in job_ids}
+        self._waiting.difference_update(job_ids)
+        return {j: self.outcomes.pop(j) for j in dict.fromkeys(job_ids)}
 
     def rerank(self, query: str, documents: Sequence[str | None], *, timeout_s: float = 60, **job: Any) -> Outcome:
         """Submit one job and wait for it."""
