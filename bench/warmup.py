@@ -10,9 +10,11 @@ GPU machine: python -m bench.warmup --model-dir /tmp/full [--profile] [--compare
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +33,26 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def triton_compiles() -> list[str]:
-    """From now on, the name of every Triton kernel the engine's own kernels compile (a new specialization of an
-    integer argument, or an autotuner keyed on a new value, would show here; Inductor's kernels are counted as
-    graphs). Triton's `knobs` exist from 3.4: with an older Triton the list stays empty."""
-    compiled: list[str] = []
+@contextlib.contextmanager
+def triton_compiles() -> Iterator[list[str] | None]:
+    """Inside the block, the name of every Triton kernel compiled (a new specialization of an integer argument, or
+    an autotuner keyed on a new value, shows here; Inductor's kernels are counted as graphs). Triton's `knobs`
+    exist from 3.4: with an older Triton it yields None (not counted), never an empty list that would read as none."""
     try:
         from triton import knobs
     except ImportError:
-        return compiled
+        yield None
+        return
+    compiled: list[str] = []
 
     def hook(**kwargs: Any) -> None:
         compiled.append(str(getattr(kwargs.get("fn"), "name", "?")))
 
     knobs.runtime.jit_post_compile_hook = hook
-    return compiled
+    try:
+        yield compiled
+    finally:
+        knobs.runtime.jit_post_compile_hook = None
 
 
 def median_ms(fn: object, reps: int = 10) -> float:
@@ -78,39 +85,37 @@ def main() -> None:
     load_s = time.perf_counter() - started
     warm_s = engine.warm_up()
     graphs_warm = compiled_graphs()
-    triton_after_warm_up = triton_compiles()
-    rng = np.random.default_rng(1)
-    request = make_job(rng, 400, 55, 160)
-    t0 = time.perf_counter()
-    engine.score([request])
-    first_job_s = time.perf_counter() - t0
-    row: dict[str, object] = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "info": engine.info.__dict__,
-        "document_encoder": engine.tokenizer.document_encoder,
-        "load_s": round(load_s, 1),
-        "warm_up_s": round(warm_s, 1),
-        "first_job_after_warm_up_s": round(first_job_s, 3),
-        "start_to_first_result_s": round(time.perf_counter() - started, 1),
-        "graphs_after_warm_up": graphs_warm,
-    }
-    prepared = engine.prepare(request)
-    row["job_tokens"] = len(prepared.head_ids) + sum(
-        len(d) + len(engine.tokenizer.suffix_ids) for d in prepared.unique_docs
-    )
-    row["end_to_end_ms"] = median_ms(lambda: engine.score([request]))
-    row["gpu_side_ms"] = median_ms(lambda: engine.score_prepared([prepared]))
-    row["prepare_ms"] = median_ms(lambda: engine.prepare(request))
-    before = compiled_graphs()
-    sizes = []
-    for _ in range(a.stream):
-        n, words = int(rng.integers(1, 700)), float(rng.uniform(5, 200))
-        sizes.append(n)
-        engine.score([make_job(rng, n, words, 400)])
-    row["stream_jobs"] = a.stream
-    row["graphs_compiled_during_stream"] = compiled_graphs() - before
-    row["triton_kernels_compiled_after_warm_up"] = triton_after_warm_up  # first job, timings and stream
+    with triton_compiles() as triton_after_warm_up:  # the first job, the timings and the stream
+        rng = np.random.default_rng(1)
+        request = make_job(rng, 400, 55, 160)
+        t0 = time.perf_counter()
+        engine.score([request])
+        first_job_s = time.perf_counter() - t0
+        row: dict[str, object] = {
+            "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "info": engine.info.__dict__,
+            "document_encoder": engine.tokenizer.document_encoder,
+            "load_s": round(load_s, 1),
+            "warm_up_s": round(warm_s, 1),
+            "first_job_after_warm_up_s": round(first_job_s, 3),
+            "start_to_first_result_s": round(time.perf_counter() - started, 1),
+            "graphs_after_warm_up": graphs_warm,
+        }
+        prepared = engine.prepare(request)
+        row["job_tokens"] = len(prepared.head_ids) + sum(
+            len(d) + len(engine.tokenizer.suffix_ids) for d in prepared.unique_docs
+        )
+        row["end_to_end_ms"] = median_ms(lambda: engine.score([request]))
+        row["gpu_side_ms"] = median_ms(lambda: engine.score_prepared([prepared]))
+        row["prepare_ms"] = median_ms(lambda: engine.prepare(request))
+        before = compiled_graphs()
+        for _ in range(a.stream):
+            n, words = int(rng.integers(1, 700)), float(rng.uniform(5, 200))
+            engine.score([make_job(rng, n, words, 400)])
+        row["stream_jobs"] = a.stream
+        row["graphs_compiled_during_stream"] = compiled_graphs() - before
+    row["triton_kernels_compiled_after_warm_up"] = triton_after_warm_up
     print(json.dumps(row), flush=True)
     if a.profile:
         from torch.profiler import ProfilerActivity, profile

@@ -285,21 +285,17 @@ if torch.cuda.is_available():  # the half-precision kernels and graphs exist onl
 
     def test_kernel_by_kernel_packs_compile_no_triton_kernel_after_warm_up(tiny_model_dir: Path) -> None:
         """Without graphs every pack has its own length: none may compile a new kernel variant while serving."""
-        from triton import knobs
+        from bench.warmup import triton_compiles
 
         engine = RerankEngine.load(
             str(tiny_model_dir), device="cuda", dtype="bfloat16", max_batch_tokens=4096, cuda_graphs=False
         )
         engine.warm_up()
-        compiled: list[str] = []
-        knobs.runtime.jit_post_compile_hook = lambda **kw: compiled.append(str(getattr(kw.get("fn"), "name", "?")))
-        try:
+        with triton_compiles() as compiled:
             rng = np.random.default_rng(5)
             requests = [make_job(rng, int(n), 30, 120) for n in rng.integers(1, 40, 12)]
             scored = [engine.score([r])[0] for r in requests]  # a pack per job (or two), each its own length
-            lengths = {p.num_tokens % 16 for r in requests for p in engine.plan_packs([engine.prepare(r)])}
-        finally:
-            knobs.runtime.jit_post_compile_hook = None
+        lengths = {p.num_tokens % 16 for r in requests for p in engine.plan_packs([engine.prepare(r)])}
         assert len(lengths) > 1  # the stream has packs of several divisibility classes
         assert all(len(s.scores) == len(r.documents) for s, r in zip(scored, requests, strict=True))
         assert compiled == []
