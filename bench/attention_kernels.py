@@ -2,7 +2,7 @@
 
 Synthetic packs shaped like the throughput workloads (a head of query-prefix tokens, then documents of lognormal
 length, each a segment), Qwen3-0.6B's attention geometry (16 query heads, 8 key/value heads, head_dim 128):
-  flash+merge   FlashAttention varlen per segment, then `head_attention_merge` (the engine's path today)
+  flash+merge   FlashAttention varlen per segment, then `head_attention_merge` (the engine's `flash_varlen`)
   pack/BN       `pack_attention`, one kernel, key blocks of BN
 Prints microseconds per call (Triton's do_bench, median) and the largest difference from an fp32 reference.
 Usage on the GPU machine: python -m bench.attention_kernels [--out FILE]

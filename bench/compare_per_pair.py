@@ -1,7 +1,8 @@
 """Full-size Qwen3-Reranker-0.6B architecture (random weights): the engine's packed path vs the per-pair path.
 
-Builds the model directory offline (worker.offline, size "full"), loads it through from_pretrained, scores one job
-of 1 query + N documents both ways in the same process, and prints the score agreement and timings as JSON lines.
+Builds the model directory offline (worker.testing.offline_model, size "full"), loads it through from_pretrained,
+scores one job of 1 query + N documents both ways in the same process, and prints the score agreement and timings
+as JSON lines.
 Per-pair path: official prompt per pair, left padding, batch 128, logits_to_keep=1, softmax over (no, yes).
 Usage (on the GPU machine): python -m bench.compare_per_pair --model-dir /tmp/qwen3-full --docs 400
 """
@@ -19,9 +20,10 @@ import numpy as np
 import torch
 
 from bench.workloads import make_job
-from worker.engine import RerankEngine, ScoreRequest
+from worker.engine.api import ScoreRequest
+from worker.engine.load import load_engine
 from worker.engine.prompt import DEFAULT_INSTRUCTION, PREFIX, SUFFIX, official_body
-from worker.offline import build_random_reranker
+from worker.testing.offline_model import build_random_reranker
 
 
 def per_pair_scores(
@@ -79,7 +81,7 @@ def timed(fn: Any, reps: int) -> tuple[Any, float, list[float]]:
 def run_engine(
     model_dir: Path, dtype: str, request: ScoreRequest, reps: int
 ) -> tuple[Any, np.ndarray, float, list[float]]:
-    engine = RerankEngine.load(str(model_dir), device="cuda", dtype=dtype)
+    engine = load_engine(str(model_dir), device="cuda", dtype=dtype)
     (scored,), first, times = timed(lambda: engine.score([request]), reps)
     torch.cuda.empty_cache()
     return scored, np.array(scored.scores, dtype=np.float64), first, times
@@ -142,7 +144,7 @@ def main() -> None:
             "dtype": dtype,
             "docs": a.docs,
             "tokens_per_job": scored.stats.tokens,
-            "packed_batches": scored.stats.packed_batches,
+            "packs": scored.stats.packs,
             "engine_first_s": round(first, 2),
             "engine_median_ms": round(statistics.median(times) * 1e3, 1),
             "engine_peak_gib": round(peak, 2),

@@ -1,4 +1,4 @@
-"""CPU side of one job (issue 4, item 4): parse, validate, tokenize, plan, build pack arrays, serialize the result.
+"""CPU side of one job: parse, validate, tokenize, plan, build pack arrays, serialize the result.
 
 No GPU and no forward pass: the scores are stand-ins, the costs are the real code's. Runs on a CI-class machine.
 Usage: python -m bench.cpu_side [--model-dir DIR] [--docs 400]   (DIR: any model directory with the Qwen3
@@ -19,10 +19,12 @@ import numpy as np
 import orjson
 
 from bench.workloads import make_job
-from worker.engine import JobScores, RerankEngine
+from worker.engine.api import JobScores
+from worker.engine.engine import RerankEngine
+from worker.engine.load import load_engine
 from worker.engine.plan import build_pack_arrays
 from worker.messages import RerankResult, parse_job
-from worker.offline import build_random_reranker
+from worker.testing.offline_model import build_random_reranker
 
 
 def median_ms(fn: Callable[[], Any], reps: int) -> float:
@@ -43,12 +45,12 @@ def main() -> None:
     a = ap.parse_args()
     if not (a.model_dir / "config.json").exists():
         build_random_reranker(a.model_dir, size="tiny")
-    engine = RerankEngine.load(str(a.model_dir), device="cpu", max_batch_tokens=65536, doc_cache_size=0)
+    engine = load_engine(str(a.model_dir), device="cpu", max_pack_tokens=65536, doc_cache_size=0)
     cached = RerankEngine(
         engine.tokenizer.with_limits(max_query_tokens=512, max_doc_tokens=512, doc_cache_size=10 * a.docs),
         engine.scorer,
         model_name=engine.model_name,
-        max_batch_tokens=65536,
+        max_pack_tokens=65536,
     )
     request = make_job(np.random.default_rng(1), a.docs, 55, 160)
     raw = orjson.dumps({"job_id": "bench", "query": request.query, "documents": list(request.documents)})

@@ -1,5 +1,5 @@
-"""Exploration for issue 4 (not a benchmark of record): where do the engine's ~176 ms per 400-doc job go, and
-what do torch.compile of the decoder and smaller FlexAttention blocks buy? One pack of the whole job.
+"""Exploration, not a benchmark of record: one 400-document job (one pack) through the engine, then through the
+Hugging Face decoder with FlexAttention, eager or under torch.compile, with 128- or 64-wide blocks.
 Usage on the GPU machine: python -m bench.explore_attention --model-dir /tmp/full
 """
 
@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from bench.workloads import make_job
-from worker.engine import RerankEngine
+from worker.engine.load import load_engine
 from worker.engine.masks import packed_rerank_mask
 from worker.engine.plan import build_pack_arrays
-from worker.offline import build_random_reranker
+from worker.testing.offline_model import build_random_reranker
 
 
 def bench(fn: Any, reps: int = 10) -> tuple[float, float]:
@@ -51,11 +51,12 @@ def main() -> None:
     a = ap.parse_args()
     if not (a.model_dir / "config.json").exists():
         build_random_reranker(a.model_dir, size="full", seed=0)
-    engine = RerankEngine.load(str(a.model_dir), device="cuda", dtype="bfloat16", max_batch_tokens=65536)
+    engine = load_engine(str(a.model_dir), device="cuda", dtype="bfloat16", max_pack_tokens=65536)
     request = make_job(np.random.default_rng(1), 400, a.mean_words, 160)
     jobs = [engine.prepare(request)]
     (pack,) = engine.plan_packs(jobs)
     scorer = engine.scorer
+    hf_decoder = scorer.model.get_decoder()  # the model's own decoder (loaded with FlexAttention), whatever forward
     print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": pack.num_tokens}))
     compiled: dict[str, Any] = {}
     for variant in a.variants.split(","):
@@ -73,9 +74,9 @@ def main() -> None:
         doc = torch.from_numpy(arrays.doc).to(dev)
         ends = torch.from_numpy(arrays.doc_ends).to(dev)
         length = ids.shape[1]
-        decoder = scorer.decoder
+        decoder = hf_decoder
         if mode == "compiled":
-            decoder = compiled.setdefault("decoder", torch.compile(scorer.decoder, dynamic=False))
+            decoder = compiled.setdefault("decoder", torch.compile(hf_decoder, dynamic=False))
         kernel_options = {"BLOCK_M": block, "BLOCK_N": block} if block != 128 else None
 
         def once() -> torch.Tensor:

@@ -1,8 +1,8 @@
-"""Where one decoder layer's time goes at a pack's shape (issue 4): each step of the packed forward timed alone, then
+"""Where one decoder layer's time goes at a pack's shape: each step of the packed forward timed alone, then
 the whole layer as one CUDA graph, on the engine's own code (`Qwen3PackedScorer`'s compiled steps and kernels) over
 a one-layer random model of Qwen3-Reranker-0.6B's width. No model on disk and no tokenizer: the pack is planned
 from synthetic token counts shaped like workload a (one head, 400 documents of ~80 tokens with the suffix), so a
-kernel change can be compared step by step on two commits in about a minute of GPU time.
+kernel change can be compared step by step between two commits at little GPU time.
 
 Timing: the mean of `--loop` back-to-back calls between two CUDA events (the host's launch time hides behind the
 device), median of `--reps`. Timing single calls between events would include Triton's host-side launch (tens of us).
@@ -24,20 +24,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from worker.engine.plan import PreparedJob, build_pack_arrays, plan_packs
+from worker.engine.api import PreparedJob
+from worker.engine.plan import build_pack_arrays, plan_packs
 from worker.engine.qwen3 import Qwen3PackedScorer, device_rows, mlp_block
-from worker.offline import ModelSize, _qwen3_config
+from worker.testing.offline_model import ModelSize, _qwen3_config
 
 SUFFIX_TOKENS = 9  # the prompt's suffix after each document, in Qwen3's tokenizer
 
 
 def synthetic_pack(docs: int, head: int, doc_tokens: float, seed: int) -> Any:
-    """One job's pack arrays: `head` tokens, then `docs` documents of lognormal length with median `doc_tokens` (job
-    a, tokenized: head 75, documents median 64 and mean 70.8 tokens, log-std 0.47, 31,997 tokens in all)."""
+    """One job's pack arrays: `head` tokens, then `docs` documents of lognormal length with median `doc_tokens`.
+    The defaults and the log-std of 0.47 follow workload a as tokenized (head 75 tokens, document median 64)."""
     rng = np.random.default_rng(seed)
     lengths = np.exp(rng.normal(np.log(doc_tokens), 0.47, docs)).clip(4, 4 * doc_tokens).astype(int)
     ids = np.int32(9)  # any ordinary token
-    job = PreparedJob(np.full(head, ids), [np.full(n, ids) for n in lengths], np.arange(docs, dtype=np.int64), False, 0)
+    tokens = head + int(lengths.sum()) + SUFFIX_TOKENS * docs
+    job = PreparedJob(
+        np.full(head, ids), [np.full(n, ids) for n in lengths], np.arange(docs, dtype=np.int64), False, 0, tokens
+    )
     suffix = np.full(SUFFIX_TOKENS, ids)
     (pack,) = plan_packs([job], SUFFIX_TOKENS, 1 << 30)
     return build_pack_arrays(pack, [job], suffix, 1, pad_id=0)
@@ -86,7 +90,7 @@ def main() -> None:
 
     from transformers import Qwen3ForCausalLM
 
-    from worker.engine.backend import resolve_attention
+    from worker.engine.load import resolve_attention
 
     device, dtype = torch.device(a.device), getattr(torch, a.dtype)
     size: ModelSize = a.size

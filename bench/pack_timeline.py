@@ -1,4 +1,4 @@
-"""Where one 400-document job's time goes (issue 4): host steps, the graph replay and the tail timed alone, then the
+"""Where one 400-document job's time goes: host steps, the graph replay and the tail timed alone, then the
 profiler's device timeline of single calls and of the overlapped stream (kernel time, busy span, idle gaps).
 
 GPU machine: python -m bench.pack_timeline --model-dir /tmp/full [--out DIR] (DIR gets the Chrome traces)
@@ -20,9 +20,9 @@ import torch
 from bench.cpu_side import median_ms as host_ms  # median host time of fn, after one warm-up call
 from bench.throughput import stream as throughput_stream
 from bench.workloads import make_job
-from worker.engine import RerankEngine
+from worker.engine.load import load_engine
 from worker.engine.plan import build_pack_arrays
-from worker.offline import build_random_reranker
+from worker.testing.offline_model import build_random_reranker
 
 
 def device_ms(fn: Callable[[], object], reps: int = 10) -> float:
@@ -97,7 +97,7 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     if not (a.model_dir / "config.json").exists():
         build_random_reranker(a.model_dir, size="full", seed=0)
-    engine = RerankEngine.load(
+    engine = load_engine(
         str(a.model_dir), device="cuda", dtype=a.dtype, attention=a.attention, cuda_graphs=a.cuda_graphs == "on"
     )
     engine.warm_up()

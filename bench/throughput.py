@@ -1,7 +1,7 @@
-"""Throughput benchmark of record (issue 4): the engine end to end vs the per-pair path, three workloads.
+"""Throughput benchmark of record: the engine end to end vs the per-pair path, three workloads.
 
-Full-size Qwen3-Reranker-0.6B architecture with random weights (`worker.offline`, same cost as the real model), the
-real Qwen3 tokenizer, seeded synthetic documents. Workloads:
+Full-size Qwen3-Reranker-0.6B architecture with random weights (`worker.testing.offline_model`, same cost as the real
+model), the real Qwen3 tokenizer, seeded synthetic documents. Workloads:
   a  1 query + 400 documents of ~70 tokens
   b  1 query + 1,000 documents of ~250 tokens
   c  a stream of 200 jobs of 20 documents (~70 tokens), scored together (cross-job packing)
@@ -30,8 +30,10 @@ import torch
 
 from bench.compare_per_pair import log_odds, per_pair_scores
 from bench.workloads import make_job
-from worker.engine import JobScores, RerankEngine, ScoreRequest, ScoringBatch
-from worker.offline import build_random_reranker
+from worker.engine.api import JobScores, ScoreRequest
+from worker.engine.engine import RerankEngine, ScoringBatch
+from worker.engine.load import load_engine
+from worker.testing.offline_model import build_random_reranker
 
 
 @dataclass(frozen=True)
@@ -43,9 +45,8 @@ class Workload:
 
 
 def workloads(names: str, rng_seed: int) -> list[Workload]:
-    """The named workloads, each from its own generator seeded with `rng_seed`: a workload's texts are the same
-    whichever others run with it (they used to share one generator, so b's and c's texts depended on whether a ran
-    first: b had 260,873 tokens in `--workloads a,b,c` and 256,507 alone)."""
+    """The named workloads, each from its own generator seeded with `rng_seed`, so a workload's texts do not
+    depend on which others run with it."""
 
     def a() -> Workload:
         rng = np.random.default_rng(rng_seed)
@@ -215,7 +216,7 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(str(a.model_dir))
     t0 = time.perf_counter()
-    engine = RerankEngine.load(
+    engine = load_engine(
         str(a.model_dir),
         device=a.device,
         dtype=str(dtype).removeprefix("torch."),
@@ -242,7 +243,7 @@ def main() -> None:
         "torch": torch.__version__,
         "dtype": info.dtype,
         "attention": info.attention,
-        "max_batch_tokens": info.max_batch_tokens,
+        "max_pack_tokens": info.max_pack_tokens,
         "forward": info.forward,
         "compiled": info.compiled,
         "cuda_graphs": info.cuda_graphs,
@@ -278,7 +279,7 @@ def main() -> None:
         )
         floor = linear_floor_s(reference, tokens, device, dtype)
         # Agreement over the documents the engine scores whole: one it truncates to RERANK_MAX_DOC_TOKENS is a
-        # different input from the per-pair path's untruncated pair (4 of b's 1,000 documents run past 512 tokens).
+        # different input from the per-pair path's untruncated pair (a few of b's documents run past 512 tokens).
         kept = np.concatenate(
             [[not enc.truncated for enc in engine.tokenizer.encode_documents(list(job.documents))] for job in wl.jobs]
         )

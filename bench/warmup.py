@@ -1,4 +1,4 @@
-"""Warm-up, recompiles and where the time goes, for the engine as configured (issue 4, items 3 and 5).
+"""Warm-up, recompiles and where the time goes, for the engine as configured.
 
 Loads the engine in a fresh process, times `warm_up()`, the first real 400-document job, its steady state (end to
 end, and the GPU side alone), then scores a stream of jobs of random sizes and counts the graphs compiled after
@@ -23,8 +23,8 @@ import torch
 
 from bench.compare_per_pair import log_odds
 from bench.workloads import make_job
-from worker.engine import RerankEngine
-from worker.offline import build_random_reranker
+from worker.engine.load import load_engine
+from worker.testing.offline_model import build_random_reranker
 
 
 def compiled_graphs() -> int:
@@ -79,7 +79,7 @@ def main() -> None:
     if not (a.model_dir / "config.json").exists():
         build_random_reranker(a.model_dir, size="full", seed=0)
     started = time.perf_counter()
-    engine = RerankEngine.load(
+    engine = load_engine(
         str(a.model_dir), device="cuda", dtype=a.dtype, attention=a.attention, cuda_graphs=a.cuda_graphs == "on"
     )
     load_s = time.perf_counter() - started
@@ -132,7 +132,7 @@ def main() -> None:
             )
         )
     if a.compare:
-        other = RerankEngine.load(str(a.model_dir), device="cuda", dtype=a.dtype, forward="transformers")
+        other = load_engine(str(a.model_dir), device="cuda", dtype=a.dtype, forward="transformers")
         got = np.asarray(engine.score([request])[0].scores, dtype=np.float64)
         want = np.asarray(other.score([request])[0].scores, dtype=np.float64)
         spread = float(log_odds(want).max() - log_odds(want).min())

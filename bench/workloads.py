@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from worker.engine import ScoreRequest
+from worker.engine.api import ScoreRequest
 
 WORDS = (
     "the of and to in is for on with as by at from that this it be are was an or which you not have has but "

@@ -9,7 +9,7 @@ if timeout 15 .venv/bin/python -c "from huggingface_hub import model_info; model
 fi
 dir=.cache/tiny-qwen3-reranker
 if [ ! -f "$dir/config.json" ]; then
-  .venv/bin/python -m worker.offline "$dir" --size tiny >/dev/null 2>&1
+  .venv/bin/python -m worker.testing.offline_model "$dir" --size tiny >/dev/null 2>&1
 fi
 echo "NOTICE: the model hub is not reachable; using a small RANDOM-WEIGHT Qwen3 reranker ($dir) with the real" \
   "Qwen3 tokenizer. Its scores are meaningless; the pipeline around them is the real one." >&2

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 
-from worker.engine import RerankEngine
-from worker.offline import build_random_reranker
+from worker.engine.engine import RerankEngine
+from worker.engine.load import load_engine
+from worker.testing.offline_model import build_random_reranker
 
 settings.register_profile(
     "default", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
@@ -30,16 +31,16 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def engine(tiny_model_dir: Path) -> RerankEngine:
     """CPU unless RERANK_DEVICE says otherwise: the GPU machine runs this suite with RERANK_DEVICE=cuda."""
     device = os.environ.get("RERANK_DEVICE", "cpu")
-    return RerankEngine.load(str(tiny_model_dir), device=device, dtype=os.environ.get("RERANK_DTYPE", "float32"))
+    return load_engine(str(tiny_model_dir), device=device, dtype=os.environ.get("RERANK_DTYPE", "float32"))
 
 
 @pytest.fixture(scope="session")
 def make_engine(engine: RerankEngine) -> Callable[..., RerankEngine]:
     """Engines with other limits over the same loaded model (loading once keeps the suite fast)."""
 
-    def make(*, max_batch_tokens: int, max_doc_tokens: int = 512, max_query_tokens: int = 512) -> RerankEngine:
+    def make(*, max_pack_tokens: int, max_doc_tokens: int = 512, max_query_tokens: int = 512) -> RerankEngine:
         tokenizer = engine.tokenizer.with_limits(max_query_tokens=max_query_tokens, max_doc_tokens=max_doc_tokens)
-        return RerankEngine(tokenizer, engine.scorer, model_name=engine.model_name, max_batch_tokens=max_batch_tokens)
+        return RerankEngine(tokenizer, engine.scorer, model_name=engine.model_name, max_pack_tokens=max_pack_tokens)
 
     return make
 

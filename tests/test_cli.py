@@ -1,10 +1,12 @@
-"""`rerank-worker score` end to end in a subprocess: the tiny model through from_pretrained, JSON in, JSON out."""
+"""The command line: `rerank-worker score` end to end in a subprocess (the tiny model through from_pretrained, JSON
+in, JSON out), and the `enqueue` command's job building and ranked table."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,9 @@ import orjson
 import pytest
 
 from tests.reference import official_score
+from worker.cli import _job_from_args, build_parser, ranked_table
+from worker.engine.api import EngineInfo, JobScores, JobStats
+from worker.messages import RerankJob, RerankResult
 
 
 def run_cli(
@@ -89,3 +94,31 @@ def test_a_missing_model_exits_3(tmp_path: Path) -> None:
     done = run_cli(["score", "--model", str(tmp_path / "no-such-model"), "--device", "cpu"], job)
     assert done.returncode == 3
     assert "cannot load model" in done.stderr.decode()
+
+
+def test_enqueue_builds_a_job_from_arguments() -> None:
+    args = build_parser().parse_args(
+        ["enqueue", "--query", "q", "--doc", "a", "--doc", "b", "--top-n", "1", "--job-id", "j", "--reply-topic", "r.x"]
+    )
+    job = _job_from_args(args)
+    assert job == {"query": "q", "documents": ["a", "b"], "job_id": "j", "top_n": 1, "reply_topic": "r.x"}
+    RerankJob.model_validate(job)
+
+
+def test_enqueue_needs_a_job() -> None:
+    with pytest.raises(SystemExit) as e:
+        _job_from_args(build_parser().parse_args(["enqueue", "--query", "q"]))
+    assert e.value.code == 2
+
+
+def test_ranked_table() -> None:
+    job = RerankJob(job_id="j", query="q", documents=["alpha", "", {"id": 7, "text": "gamma " * 30}])
+    stats = JobStats(3, 2, 2, 0.0, 0, False, 10, 1, 10, 10.0, 0.1, 0.2, 1.5)
+    info = EngineInfo("m", "cpu", "float32", "sdpa", "packed-qwen3", False, 4096, 512, 512)
+    result = RerankResult.from_scores(job, JobScores([0.25, None, 0.75], stats), info, scored_at=datetime.now(UTC))
+    lines = ranked_table(result, job.document_texts()).splitlines()
+    assert lines[0] == "job j: 3 documents, model m, 1.5 ms"
+    assert lines[2].split()[:4] == ["1", "0.750000", "2", "7"]
+    assert lines[2].endswith("...")
+    assert lines[3].split() == ["2", "0.250000", "0", "alpha"]
+    assert lines[4].split() == ["3", "-", "1"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from worker.engine import EngineInfo, InvalidJobError, JobScores, JobStats
+from worker.engine.api import EngineInfo, InvalidJobError, JobScores, JobStats
 from worker.messages import MAX_METADATA_DEPTH, RerankJob, RerankResult, json_depth, json_schemas, parse_job
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
@@ -109,3 +109,12 @@ def test_metadata_as_deep_as_allowed_goes_into_the_result() -> None:
     scored = JobScores(scores=[0.5], stats=stats(1))
     written = orjson.loads(orjson.dumps(RerankResult.from_scores(job, scored, ENGINE).model_dump(mode="json")))
     assert written["metadata"] == deepest
+
+
+def test_reply_topic_is_validated_like_a_kafka_topic_name() -> None:
+    ok = parse_job(b'{"job_id": "j", "query": "q", "documents": ["a"], "reply_topic": "replies.team-1"}')
+    assert ok.reply_topic == "replies.team-1"
+    with pytest.raises(InvalidJobError) as e:
+        parse_job(b'{"job_id": "j", "query": "q", "documents": ["a"], "reply_topic": "bad topic!"}')
+    assert e.value.reason == "schema_violation"
+    assert '"reply_topic"' in json_schemas()["rerank-job.schema.json"]

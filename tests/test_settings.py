@@ -23,7 +23,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     s = Settings()
     assert s.model == "Qwen/Qwen3-Reranker-0.6B"
-    assert (s.device, s.dtype, s.max_doc_tokens, s.max_batch_tokens) == ("auto", "auto", 512, None)
+    assert (s.device, s.dtype, s.max_doc_tokens, s.max_pack_tokens) == ("auto", "auto", 512, None)
 
 
 def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,6 @@
-"""`rerank-worker`: a thin command line over the engine and the Kafka loop (worker.kafka).
+"""`rerank-worker`: a thin command line over the engine, the pipeline and the tools.
+
+Only the commands that load a model (`score`, `run`, `replay`) import torch and transformers, inside the command.
 
 Exit codes: 0 done; 1 the job was invalid (or dead-lettered); 2 bad usage or settings; 3 the model could not be
 loaded; 4 Kafka unreachable or misconfigured (or another fatal worker error); 5 `enqueue --wait` timed out.
@@ -12,13 +14,16 @@ import dataclasses
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import orjson
 from pydantic import ValidationError
 
-from worker.engine import InvalidJobError, RerankEngine
+from worker.engine.api import InvalidJobError
 from worker.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.engine.engine import RerankEngine
 
 EXIT_INVALID_JOB = 1
 EXIT_USAGE = 2
@@ -43,8 +48,10 @@ def load_settings(**overrides: Any) -> Settings:
 
 def build_engine(settings: Settings) -> RerankEngine:
     """The one place where settings become an engine."""
+    from worker.engine.load import load_engine
+
     try:
-        return RerankEngine.load(
+        return load_engine(
             settings.model,
             device=settings.device,
             dtype=settings.dtype,
@@ -52,7 +59,7 @@ def build_engine(settings: Settings) -> RerankEngine:
             forward=settings.forward,
             compile=settings.compile,
             cuda_graphs=settings.cuda_graphs,
-            max_batch_tokens=settings.max_batch_tokens,
+            max_pack_tokens=settings.max_pack_tokens,
             max_doc_tokens=settings.max_doc_tokens,
             max_query_tokens=settings.max_query_tokens,
             default_instruction=settings.instruction,
@@ -88,8 +95,8 @@ def cmd_schemas(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from worker.kafka.logs import configure_logging
-    from worker.kafka.loop import default_worker_id, run_worker
+    from worker.pipeline.logs import configure_logging
+    from worker.pipeline.worker import default_worker_id, run_worker
 
     settings = load_settings(model=args.model, device=args.device)
     configure_logging(settings.log_level, settings.worker_id or default_worker_id())
@@ -161,7 +168,7 @@ def ranked_table(result: Any, texts: list[str | None], width: int = 60) -> str:
 def cmd_enqueue(args: argparse.Namespace) -> None:
     from kafka.errors import KafkaError
 
-    from worker.kafka.client import DeadLettered, RerankClient
+    from worker.client import DeadLettered, RerankClient
     from worker.messages import RerankJob, describe_validation_error
 
     settings = load_settings()
@@ -190,7 +197,7 @@ def cmd_enqueue(args: argparse.Namespace) -> None:
 
 
 def _time_or_fail(text: str | None, flag: str) -> int | None:
-    from worker.kafka.replay import parse_time
+    from worker.tools.times import parse_time
 
     if text is None:
         return None
@@ -203,10 +210,10 @@ def _time_or_fail(text: str | None, flag: str) -> int | None:
 def cmd_replay(args: argparse.Namespace) -> None:
     from kafka.errors import KafkaError
 
-    from worker.kafka.errors import FatalError
-    from worker.kafka.logs import configure_logging
-    from worker.kafka.loop import default_worker_id
-    from worker.kafka.replay import check_range, replay, replay_group_id
+    from worker.pipeline.errors import FatalError
+    from worker.pipeline.logs import configure_logging
+    from worker.pipeline.worker import default_worker_id
+    from worker.tools.replay import check_range, replay, replay_group_id
 
     settings = load_settings(model=args.model, device=args.device)
     from_ms = _time_or_fail(args.from_time, "--from")
@@ -245,8 +252,8 @@ def cmd_replay(args: argparse.Namespace) -> None:
 def cmd_dlq_list(args: argparse.Namespace) -> None:
     from kafka.errors import KafkaError
 
-    from worker.kafka.dlq import list_dead_letters
-    from worker.kafka.errors import FatalError
+    from worker.pipeline.errors import FatalError
+    from worker.tools.dlq import list_dead_letters
 
     settings = load_settings()
     since_ms = _time_or_fail(args.since, "--since")
@@ -263,8 +270,8 @@ def cmd_dlq_list(args: argparse.Namespace) -> None:
 def cmd_dlq_requeue(args: argparse.Namespace) -> None:
     from kafka.errors import KafkaError
 
-    from worker.kafka.dlq import requeue
-    from worker.kafka.errors import FatalError
+    from worker.pipeline.errors import FatalError
+    from worker.tools.dlq import requeue
 
     if not (args.reason or args.since or args.all):
         fail(EXIT_USAGE, "choose dead letters with --reason and/or --since, or requeue every one with --all")
@@ -351,7 +358,7 @@ def _relative_times_attached(argv: list[str]) -> list[str]:
     """`--from -2h` as `--from=-2h`: argparse would read `-2h` as an option and fail."""
     if not any(arg in _TIME_FLAGS for arg in argv):
         return argv
-    from worker.kafka.replay import is_relative_time
+    from worker.tools.times import is_relative_time
 
     out: list[str] = []
     for arg in argv:

@@ -24,7 +24,7 @@ from pydantic import (
     model_serializer,
 )
 
-from worker.engine import EngineInfo, InvalidJobError, JobScores, ScoreRequest
+from worker.engine.api import EngineInfo, InvalidJobError, JobScores, ScoreRequest
 
 SchemaVersion = Literal[1]
 SCHEMA_VERSION: SchemaVersion = 1
@@ -142,10 +142,12 @@ class RerankMeta(_Wire):
     truncated_docs: int = Field(description="Documents cut to RERANK_MAX_DOC_TOKENS.")
     query_truncated: bool = Field(description="Whether the query was cut to RERANK_MAX_QUERY_TOKENS.")
     tokens: int = Field(description="Tokens this job put through the model (head copies, documents, suffixes).")
-    packed_batches: int = Field(description="Forward passes that carried this job's documents.")
-    packed_max_seq_len: int = Field(description="Longest of those passes, in tokens (all jobs in it).")
-    packed_avg_seq_len: float = Field(description="Mean length of those passes, in tokens.")
-    max_batch_tokens: int = Field(description="Token budget of a pass (RERANK_MAX_BATCH_TOKENS).")
+    packs: int = Field(
+        description="Packs (one packed sequence, one forward pass each) that carried this job's documents."
+    )
+    longest_pack_tokens: int = Field(description="Length of the longest of those packs, in tokens (all jobs in it).")
+    mean_pack_tokens: float = Field(description="Mean length of those packs, in tokens.")
+    max_pack_tokens: int = Field(description="Token budget of one pack (RERANK_MAX_PACK_TOKENS).")
     max_doc_tokens: int = Field(description="RERANK_MAX_DOC_TOKENS in force.")
     tokenize_ms: float = Field(description="Time spent tokenizing this job.")
     inference_ms: float = Field(description="Time of the forward passes of the batch this job was scored in.")
@@ -155,6 +157,20 @@ class RerankMeta(_Wire):
     dtype: str = Field(description="Model dtype, for example `bfloat16`.")
     attention: str = Field(
         description="Attention backend: `triton`, `flash_varlen`, `flex_attention`, `sdpa` or `eager`."
+    )
+    # Deprecated names of the four fields above ("batch" means the jobs scored together, not a pack): written as
+    # well, for one release.
+    packed_batches: int = Field(
+        description="Deprecated: the same as `packs`; removed in the next release.", deprecated=True
+    )
+    packed_max_seq_len: int = Field(
+        description="Deprecated: the same as `longest_pack_tokens`; removed in the next release.", deprecated=True
+    )
+    packed_avg_seq_len: float = Field(
+        description="Deprecated: the same as `mean_pack_tokens`; removed in the next release.", deprecated=True
+    )
+    max_batch_tokens: int = Field(
+        description="Deprecated: the same as `max_pack_tokens`; removed in the next release.", deprecated=True
     )
 
 
@@ -230,10 +246,10 @@ class RerankResult(_Wire):
             truncated_docs=stats.truncated_docs,
             query_truncated=stats.query_truncated,
             tokens=stats.tokens,
-            packed_batches=stats.packed_batches,
-            packed_max_seq_len=stats.packed_max_seq_len,
-            packed_avg_seq_len=stats.packed_avg_seq_len,
-            max_batch_tokens=engine.max_batch_tokens,
+            packs=stats.packs,
+            longest_pack_tokens=stats.longest_pack_tokens,
+            mean_pack_tokens=stats.mean_pack_tokens,
+            max_pack_tokens=engine.max_pack_tokens,
             max_doc_tokens=engine.max_doc_tokens,
             tokenize_ms=stats.tokenize_ms,
             inference_ms=stats.inference_ms,
@@ -242,6 +258,10 @@ class RerankResult(_Wire):
             device=engine.device,
             dtype=engine.dtype,
             attention=engine.attention,
+            packed_batches=stats.packs,
+            packed_max_seq_len=stats.longest_pack_tokens,
+            packed_avg_seq_len=stats.mean_pack_tokens,
+            max_batch_tokens=engine.max_pack_tokens,
         )
         return cls(
             job_id=job.job_id,

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "RERANK_"
@@ -20,6 +21,8 @@ PositiveInt = Annotated[int, Field(ge=1)]
 # Kafka topic names: the broker's own rule (legal characters, at most 249 of them).
 TopicName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9._-]{1,249}$")]
 MIB = 1024 * 1024
+# Old names still read, for one release, with a FutureWarning: old -> new.
+DEPRECATED_NAMES = {"RERANK_MAX_BATCH_TOKENS": "RERANK_MAX_PACK_TOKENS"}
 
 
 class Settings(BaseSettings):
@@ -36,10 +39,9 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="Model weights and activations: `auto` is bfloat16 on CUDA and float32 on CPU. "
-        "The final yes/no projection always runs in float32. `float16` runs 4-6% slower than bfloat16 on an H100 "
-        "and agrees with the per-pair path 7-9x more closely (0.16-0.17% vs 1.2-1.5% of the log-odds range on "
-        "random weights, docs/PERFORMANCE.md), but activations past 65,504 overflow: untried on the real weights, "
-        "so not the default.",
+        "The final yes/no projection always runs in float32. `float16` is a few percent slower than bfloat16 on an "
+        "H100 and agrees with the float32 scores several times more closely (docs/PERFORMANCE.md), but activations "
+        "past 65,504 overflow: untried on the real weights, so not the default.",
     )
     attention: Literal["auto", "triton", "flash_varlen", "flex_attention", "sdpa", "eager"] = Field(
         "auto",
@@ -71,10 +73,12 @@ class Settings(BaseSettings):
         512,
         description="The query is cut to this many tokens; a longer instruction rejects the job.",
     )
-    max_batch_tokens: PositiveInt | None = Field(
+    max_pack_tokens: PositiveInt | None = Field(
         None,
-        description="Token budget of one forward pass (one packed sequence); jobs share passes up to it and a "
-        "bigger job spans several. Empty: 32768 on CUDA, 4096 on CPU.",
+        validation_alias=AliasChoices("RERANK_MAX_PACK_TOKENS", "RERANK_MAX_BATCH_TOKENS"),
+        description="Token budget of one pack (one packed sequence, run by one forward pass); jobs share packs up "
+        "to it and a bigger job spans several. Empty: 32768 on CUDA, 4096 on CPU. Its old name "
+        "RERANK_MAX_BATCH_TOKENS is still read, with a warning, for one release.",
     )
     max_docs: PositiveInt = Field(1000, description="Most documents one job may carry; more rejects the job.")
     instruction: str | None = Field(
@@ -159,8 +163,8 @@ class Settings(BaseSettings):
     )
     batch_max_packs: PositiveInt = Field(
         4,
-        description="Token budget of a batch, in forward passes of RERANK_MAX_BATCH_TOKENS: jobs are gathered until "
-        "their tokens would fill this many passes. A bigger job forms a batch of its own.",
+        description="Token budget of a batch (the jobs scored together), in packs of RERANK_MAX_PACK_TOKENS: jobs "
+        "are gathered until their tokens would fill this many packs. A bigger job forms a batch of its own.",
     )
     max_queued_jobs: PositiveInt = Field(
         64,
@@ -236,15 +240,28 @@ class Settings(BaseSettings):
     def _no_unknown_variables(self) -> Settings:
         # Fields read from an alias (KAFKA_*) have no RERANK_ name: RERANK_BOOTSTRAP_SERVERS is a typo, not a setting.
         known = {env_name(name) for name in type(self).model_fields if env_name(name).startswith(ENV_PREFIX)}
-        unknown = sorted(k for k in os.environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
+        present = {k.upper() for k in os.environ}
+        unknown = sorted(k for k in present if k.startswith(ENV_PREFIX) and k not in known | set(DEPRECATED_NAMES))
         if unknown:
             raise ValueError(f"unknown settings in the environment: {', '.join(unknown)} (known: {sorted(known)})")
+        for old, new in DEPRECATED_NAMES.items():
+            if old in present:
+                used = "ignored, since it is set too" if new in present else "read for now"
+                warnings.warn(
+                    f"{old} is deprecated and will stop working in the next release: use {new} ({old} is {used})",
+                    FutureWarning,
+                    stacklevel=2,
+                )
         return self
 
 
 def env_name(field_name: str) -> str:
-    """The environment variable of a setting: its alias (KAFKA_BOOTSTRAP_SERVERS) or RERANK_<NAME>."""
+    """The environment variable of a setting: its alias (KAFKA_BOOTSTRAP_SERVERS), the first of its aliases (the
+    others are deprecated names), or RERANK_<NAME>."""
     alias = Settings.model_fields[field_name].validation_alias
+    if isinstance(alias, AliasChoices):
+        first = alias.choices[0]
+        return first if isinstance(first, str) else ENV_PREFIX + field_name.upper()
     return alias if isinstance(alias, str) else ENV_PREFIX + field_name.upper()
 
 

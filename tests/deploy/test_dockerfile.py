@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.deploy.conftest import REPO, load_yaml
-from worker.kafka.http import HealthServer
+from worker.pipeline.http import HealthServer
 
 DOCKERFILE = REPO / "Dockerfile"
 

@@ -271,7 +271,7 @@ def test_all_on_pod_settings(all_on_docs: list[Any], all_on_values: Any) -> None
     assert one(all_on_docs, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
     assert "maxUnavailable" not in one(all_on_docs, "PodDisruptionBudget")["spec"]
     # numbers in a values file arrive in Helm as float64: they must still render as plain integers
-    assert env["RERANK_MAX_BATCH_TOKENS"] == "65536"
+    assert env["RERANK_MAX_PACK_TOKENS"] == "65536"
     assert env["RERANK_SHUTDOWN_TIMEOUT_S"] == "60"
 
 
@@ -342,7 +342,7 @@ def test_worker_accepts_the_rendered_environment(
     if values:
         assert settings.security_protocol == "SASL_SSL"
         assert settings.sasl_mechanism == "SCRAM-SHA-512"
-        assert settings.max_batch_tokens == 65536
+        assert settings.max_pack_tokens == 65536
         assert settings.shutdown_timeout_s == 60.0
         assert settings.sasl_password is not None
         assert settings.sasl_password.get_secret_value() == "secret-from-KAFKA_SASL_PASSWORD"

@@ -17,9 +17,10 @@ from hypothesis import strategies as st
 from bench.workloads import make_job
 from tests.reference import official_ids, official_score, official_score_ids
 from tests.strategies import document_lists, nonblank_text
-from worker.engine import RerankEngine, ScoreRequest
-from worker.engine.backend import resolve_attention
+from worker.engine.api import ScoreRequest
+from worker.engine.engine import RerankEngine
 from worker.engine.kernels import pack_attention_unsupported
+from worker.engine.load import load_engine, resolve_attention
 from worker.engine.qwen3 import graph_buckets
 
 TOLERANCE = 1e-4  # float32 on CPU, against the independent per-pair reference
@@ -75,30 +76,30 @@ def test_scores_spread_so_documents_are_told_apart(engine: RerankEngine) -> None
 def test_a_jobs_scores_do_not_depend_on_what_it_is_packed_with(
     make_engine: Callable[..., RerankEngine], jobs: list[tuple[str, list[str | None]]], budget: int
 ) -> None:
-    tight = make_engine(max_batch_tokens=budget, max_doc_tokens=48, max_query_tokens=24)
-    roomy = make_engine(max_batch_tokens=8192, max_doc_tokens=48, max_query_tokens=24)
+    tight = make_engine(max_pack_tokens=budget, max_doc_tokens=48, max_query_tokens=24)
+    roomy = make_engine(max_pack_tokens=8192, max_doc_tokens=48, max_query_tokens=24)
     requests = [ScoreRequest(q, docs) for q, docs in jobs]
     together = tight.score(requests)
     for request, shared in zip(requests, together, strict=True):
         (alone,) = roomy.score([request])
         assert_close(shared.scores, alone.scores, PACKING_TOLERANCE)
-        assert alone.stats.packed_batches == 1
+        assert alone.stats.packs == 1
 
 
 def test_cross_job_packing_shares_passes_and_big_jobs_span_several(
     make_engine: Callable[..., RerankEngine],
 ) -> None:
-    small = make_engine(max_batch_tokens=1024, max_doc_tokens=32, max_query_tokens=16)
+    small = make_engine(max_pack_tokens=1024, max_doc_tokens=32, max_query_tokens=16)
     requests = [ScoreRequest(f"query {i}", [f"doc {i}.{k}" for k in range(3)]) for i in range(4)]
     results = small.score(requests)
-    assert all(r.stats.packed_batches == 1 for r in results)
-    assert len({r.stats.packed_max_seq_len for r in results}) == 1  # all four rode in the same pass
-    assert results[0].stats.packed_max_seq_len == sum(r.stats.tokens for r in results)
+    assert all(r.stats.packs == 1 for r in results)
+    assert len({r.stats.longest_pack_tokens for r in results}) == 1  # all four rode in the same pass
+    assert results[0].stats.longest_pack_tokens == sum(r.stats.tokens for r in results)
 
-    tight = make_engine(max_batch_tokens=200, max_doc_tokens=32, max_query_tokens=16)
+    tight = make_engine(max_pack_tokens=200, max_doc_tokens=32, max_query_tokens=16)
     (big,) = tight.score([ScoreRequest("query", [f"a longer document number {k} " * 3 for k in range(12)])])
-    assert big.stats.packed_batches > 1
-    assert big.stats.packed_max_seq_len <= 200
+    assert big.stats.packs > 1
+    assert big.stats.longest_pack_tokens <= 200
     (alone,) = small.score([ScoreRequest("query", [f"a longer document number {k} " * 3 for k in range(12)])])
     assert_close(big.scores, alone.scores, PACKING_TOLERANCE)
 
@@ -121,14 +122,14 @@ def test_duplicates_are_scored_once_and_blanks_get_null(engine: RerankEngine) ->
 def test_a_job_of_only_blank_documents_runs_no_pass(engine: RerankEngine) -> None:
     (scored,) = engine.score([ScoreRequest("q", [None, "", " "])])
     assert scored.scores == [None, None, None]
-    assert scored.stats.packed_batches == 0
+    assert scored.stats.packs == 0
     assert scored.stats.unique_docs == 0
 
 
 def test_documents_equal_up_to_the_cut_are_scored_once(
     make_engine: Callable[..., RerankEngine], reference_model: Any, hf_tokenizer: Any
 ) -> None:
-    cut = make_engine(max_batch_tokens=4096, max_doc_tokens=4, max_query_tokens=64)
+    cut = make_engine(max_pack_tokens=4096, max_doc_tokens=4, max_query_tokens=64)
     docs = ["one two three four five six", "one two three four seven eight", "short"]
     (scored,) = cut.score([ScoreRequest("q", docs)])
     assert scored.stats.truncated_docs == 2
@@ -153,18 +154,18 @@ def test_control_tokens_in_a_document_are_scored_as_plain_text(
 
 
 def test_a_budget_too_small_for_one_prompt_is_refused_at_start(make_engine: Callable[..., RerankEngine]) -> None:
-    with pytest.raises(ValueError, match="RERANK_MAX_BATCH_TOKENS=300 cannot hold one longest prompt"):
-        make_engine(max_batch_tokens=300, max_doc_tokens=256, max_query_tokens=16)
+    with pytest.raises(ValueError, match="RERANK_MAX_PACK_TOKENS=300 cannot hold one longest prompt"):
+        make_engine(max_pack_tokens=300, max_doc_tokens=256, max_query_tokens=16)
 
 
 def test_engine_reports_what_it_runs(engine: RerankEngine) -> None:
     info = engine.info
     if info.device == "cpu":
-        assert (info.dtype, info.attention, info.max_batch_tokens) == ("float32", "sdpa", 4096)
+        assert (info.dtype, info.attention, info.max_pack_tokens) == ("float32", "sdpa", 4096)
         assert (info.forward, info.compiled) == ("packed-qwen3", False)
     else:
         assert info.device.startswith("cuda")
-        assert (info.attention, info.max_batch_tokens) == ("flex_attention", 32768)
+        assert (info.attention, info.max_pack_tokens) == ("flex_attention", 32768)
         assert (info.forward, info.compiled) == ("packed-qwen3", True)
 
 
@@ -181,14 +182,14 @@ def test_every_forward_and_attention_gives_the_same_scores(
         ScoreRequest(f"query {j}", [" ".join(rng.choice(WORDS, int(rng.integers(1, 40)))) for _ in range(12)])
         for j in range(3)
     ]
-    other = RerankEngine.load(
+    other = load_engine(
         str(tiny_model_dir),
         device=engine.info.device,
         dtype=engine.info.dtype,
         attention=attention,
         forward=forward,
         compile="off",
-        max_batch_tokens=2048,
+        max_pack_tokens=2048,
     )
     assert other.info.forward == ("packed-qwen3" if forward == "packed" else "transformers")
     for got, want in zip(other.score(requests), engine.score(requests), strict=True):
@@ -197,7 +198,7 @@ def test_every_forward_and_attention_gives_the_same_scores(
 
 def test_forward_packed_refuses_what_it_cannot_run(tiny_model_dir: Path) -> None:
     with pytest.raises(ValueError, match="eager attention"):
-        RerankEngine.load(str(tiny_model_dir), device="cpu", attention="eager", forward="packed")
+        load_engine(str(tiny_model_dir), device="cpu", attention="eager", forward="packed")
 
 
 def test_attention_auto_picks_the_pack_kernel_on_cuda_in_half_precision() -> None:
@@ -247,7 +248,7 @@ if torch.cuda.is_available():  # the half-precision kernels and graphs exist onl
         """Graphs run the same kernels on a pack padded to its bucket: padding must not reach a real row, and a
         bucket replayed for a shorter pack after a longer one must not read the longer one's rows."""
         requests = _half_precision_requests()
-        engine = RerankEngine.load(str(tiny_model_dir), device="cuda", dtype="bfloat16", max_batch_tokens=4096)
+        engine = load_engine(str(tiny_model_dir), device="cuda", dtype="bfloat16", max_pack_tokens=4096)
         assert engine.info.attention == "triton"
         before = [engine.score([r])[0] for r in requests]  # kernel by kernel, each job alone
         engine.warm_up()
@@ -287,8 +288,8 @@ if torch.cuda.is_available():  # the half-precision kernels and graphs exist onl
         """Without graphs every pack has its own length: none may compile a new kernel variant while serving."""
         from bench.warmup import triton_compiles
 
-        engine = RerankEngine.load(
-            str(tiny_model_dir), device="cuda", dtype="bfloat16", max_batch_tokens=4096, cuda_graphs=False
+        engine = load_engine(
+            str(tiny_model_dir), device="cuda", dtype="bfloat16", max_pack_tokens=4096, cuda_graphs=False
         )
         engine.warm_up()
         with triton_compiles() as compiled:
@@ -305,11 +306,11 @@ if torch.cuda.is_available():  # the half-precision kernels and graphs exist onl
         """bf16 through either CUDA attention kernel lands as near the fp32 scores as the model's own decoder in
         bf16 does (within twice its distance): the kernels add no error of their own beyond bf16 rounding."""
         requests = _half_precision_requests()
-        exact = RerankEngine.load(str(tiny_model_dir), device="cuda", dtype="float32").score(requests)
-        hf = RerankEngine.load(
+        exact = load_engine(str(tiny_model_dir), device="cuda", dtype="float32").score(requests)
+        hf = load_engine(
             str(tiny_model_dir), device="cuda", dtype="bfloat16", attention="sdpa", forward="transformers"
         ).score(requests)
-        ours = RerankEngine.load(str(tiny_model_dir), device="cuda", dtype="bfloat16", attention=attention)
+        ours = load_engine(str(tiny_model_dir), device="cuda", dtype="bfloat16", attention=attention)
         ours.warm_up()
         got = ours.score(requests)
         hf_gap = largest_gap(hf, exact)

@@ -14,7 +14,8 @@ from tokenizers import Tokenizer
 
 from bench.workloads import make_job
 from tests.strategies import tricky_text
-from worker.engine import RerankEngine, fast_bpe
+from worker.engine import fast_bpe
+from worker.engine.engine import RerankEngine
 from worker.engine.fast_bpe import FastBPE, _byte_level_alphabet, split_tie_cases
 from worker.engine.prompt import document_tail
 from worker.engine.tokenize import _without_added_tokens

@@ -6,7 +6,8 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.engine.plan import PreparedJob, build_pack_arrays, plan_packs
+from worker.engine.api import PreparedJob
+from worker.engine.plan import build_pack_arrays, plan_packs
 
 SUFFIX = np.array([90, 91, 92], dtype=np.int32)
 
@@ -19,6 +20,7 @@ def job(head_len: int, doc_lens: list[int], seed: int) -> PreparedJob:
         doc_slot=np.arange(len(doc_lens)),
         query_truncated=False,
         truncated_docs=0,
+        tokens=head_len + sum(n + len(SUFFIX) for n in doc_lens),
     )
 
 

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from tests.reference import official_ids
 from tests.strategies import nonblank_text, tricky_text
-from worker.engine import InvalidJobError, RerankEngine
+from worker.engine.api import InvalidJobError
+from worker.engine.engine import RerankEngine
 from worker.engine.tokenize import PromptTokenizer
 
 # Ids checked by hand against the official tokenizer (FACTS.md): the suffix, yes/no, the junction.

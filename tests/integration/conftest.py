@@ -24,8 +24,8 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
 
-from worker.kafka.loop import Worker
 from worker.kafka.topics import ensure_topics
+from worker.pipeline.worker import Worker
 from worker.settings import ENV_PREFIX, Settings, env_name
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from worker.engine import RerankEngine
-from worker.kafka.deadletter import header_map
+from worker.engine.engine import RerankEngine
+from worker.pipeline.deadletter import header_map
 
 WORDS = (
     "cat dog river stone python rust iron moon tree data model query answer light sound red shoe leather boot "

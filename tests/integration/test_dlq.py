@@ -10,9 +10,9 @@ import orjson
 import pytest
 
 from tests.integration.conftest import CliRun, Topics, produce, read_topic, worker_thread
-from worker.engine import RerankEngine
-from worker.kafka.deadletter import header_map
+from worker.engine.engine import RerankEngine
 from worker.kafka.topics import ensure_topics
+from worker.pipeline.deadletter import header_map
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration

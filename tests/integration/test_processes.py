@@ -13,9 +13,9 @@ import pytest
 
 from tests.integration.conftest import Topics, WorkerProcess, committed_offsets, read_topic, worker_thread
 from tests.integration.jobs import answered, make_jobs, source_of
-from worker.engine import RerankEngine
-from worker.kafka.client import RerankClient
-from worker.kafka.deadletter import header_map
+from worker.client import RerankClient
+from worker.engine.engine import RerankEngine
+from worker.pipeline.deadletter import header_map
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -12,11 +12,11 @@ import pytest
 
 from tests.integration.conftest import CliRun, Topics, committed_offsets, produce, read_topic, worker_thread
 from tests.integration.jobs import answered, make_jobs, scores_by_index, value
-from worker.engine import RerankEngine
-from worker.kafka.deadletter import header_map
-from worker.kafka.replay import format_time
+from worker.engine.engine import RerankEngine
 from worker.kafka.topics import ensure_topics
+from worker.pipeline.deadletter import header_map
 from worker.settings import Settings
+from worker.tools.times import format_time
 
 pytestmark = pytest.mark.integration
 

@@ -31,11 +31,11 @@ from tests.integration.jobs import (
     source_of,
     value,
 )
-from worker.engine import JobScores, RerankEngine, ScoreRequest
-from worker.engine.plan import PreparedJob
-from worker.kafka.client import DeadLettered, RerankClient
-from worker.kafka.deadletter import header_map
+from worker.client import DeadLettered, RerankClient
+from worker.engine.api import JobScores, PreparedJob, ScoreRequest
+from worker.engine.engine import RerankEngine
 from worker.kafka.topics import ensure_topics
+from worker.pipeline.deadletter import header_map
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -212,7 +212,7 @@ def test_jobs_and_results_larger_than_one_megabyte(
     make_settings: Callable[..., Settings],
     make_engine: Callable[..., RerankEngine],
 ) -> None:
-    engine = make_engine(max_batch_tokens=4096, max_doc_tokens=16)
+    engine = make_engine(max_pack_tokens=4096, max_doc_tokens=16)
     settings = make_settings()
     docs = [f"document {i} " + "lorem ipsum dolor sit amet " * 200 for i in range(300)]  # ~1.6 MB of text
     job = {"job_id": "big", "query": "lorem", "documents": docs, "return_documents": True}

@@ -1,4 +1,5 @@
-"""The model side: load a Qwen3 reranker, run one pack, return P(yes) at each document's last token.
+"""The torch side of a pack scorer: what both backends share, and `TorchScorer`, which runs a pack through the
+model's own (Hugging Face) decoder. The packed Qwen3 forward is `worker.engine.qwen3`; `worker.engine.load` picks one.
 
 Only the yes/no direction of the head is ever computed: score = sigmoid(h . (w_yes - w_no)), which equals the
 softmax over ("no", "yes") logits that the official code takes (the head has no bias), without the 151,669-way
@@ -7,30 +8,19 @@ projection. That one dot product runs in fp32 whatever the model's dtype (bf16 m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 import torch
 from torch import Tensor
 
+from worker.engine.api import BackendInfo, PackArrays, PendingPack
 from worker.engine.masks import dense_mask, packed_rerank_mask
-from worker.engine.plan import PackArrays
 
 AttentionBackend = Literal["triton", "flash_varlen", "flex_attention", "sdpa", "eager"]
 # FlexAttention works on 128x128 blocks: padding to a multiple of the block keeps every block whole.
 FLEX_BLOCK = 128
-
-
-@dataclass(frozen=True)
-class BackendInfo:
-    device: str
-    dtype: str
-    attention: AttentionBackend
-    forward: str = "transformers"  # "packed-qwen3": worker.engine.qwen3; "transformers": the model's own decoder
-    compiled: bool = False
-    cuda_graphs: int = 0  # pack-length buckets captured as CUDA graphs
 
 
 def device_mark(device: torch.device) -> torch.cuda.Event | None:
@@ -64,91 +54,12 @@ class PendingScores:
             self._done.synchronize()
         return self._host.numpy()
 
-    def device_ms(self, first: PendingScores) -> float | None:
+    def device_ms(self, first: PendingPack) -> float | None:
         """Device time from the start of `first`'s work to the end of this pack's (after `result()`): the forward
         passes alone, not the wait behind work queued before them. None off CUDA."""
-        if first.started is None or self._done is None:
+        if not isinstance(first, PendingScores) or first.started is None or self._done is None:
             return None
         return float(first.started.elapsed_time(self._done))
-
-
-class PackScorer(Protocol):
-    """What the engine needs of a backend: score one pack's document ends."""
-
-    device: torch.device
-    pad_to_multiple: int
-    model: Any  # the model `from_pretrained` loaded (weights, config)
-
-    @property
-    def info(self) -> BackendInfo: ...
-
-    def launch_pack(self, arrays: PackArrays) -> PendingScores:
-        """Queue the pack's forward on the device; the scores arrive through the returned handle."""
-        ...
-
-    def capture_graphs(self, max_tokens: int) -> int:
-        """Capture CUDA graphs for packs up to `max_tokens` where the backend can; returns how many (0: none)."""
-        ...
-
-
-def load_scorer(
-    model_name_or_path: str,
-    *,
-    device: str,
-    dtype: str,
-    attention: str,
-    forward: str = "auto",
-    compile: str = "auto",
-    cuda_graphs: bool = True,
-    yes_id: int,
-    no_id: int,
-) -> PackScorer:
-    """Load the model with `from_pretrained` and pick the forward: the packed Qwen3 one where it applies (Qwen3
-    configs; FlashAttention varlen, FlexAttention or SDPA), else the model's own decoder (`forward="transformers"`,
-    eager attention, other architectures)."""
-    from transformers import AutoModelForCausalLM
-
-    from worker.engine.qwen3 import Qwen3PackedScorer, unsupported_reason
-
-    if forward not in ("auto", "packed", "transformers"):
-        raise ValueError(f"unknown forward {forward!r}")
-    if compile not in ("auto", "on", "off"):
-        raise ValueError(f"unknown compile setting {compile!r}")
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    attn = resolve_attention(attention, torch_device, torch_dtype)
-    # the model's own attention serves only the transformers path, which has no varlen layout: Flex there
-    hf_attn: AttentionBackend = "flex_attention" if attn in ("flash_varlen", "triton") else attn
-    model: Any = AutoModelForCausalLM.from_pretrained(
-        model_name_or_path, dtype=torch_dtype, attn_implementation=hf_attn
-    )
-    model.to(torch_device).eval().requires_grad_(False)
-    reason = unsupported_reason(model.config)
-    if attn == "eager":
-        reason = "eager attention"
-    if forward == "packed" and reason is not None:
-        raise ValueError(f"RERANK_FORWARD=packed cannot run this model: {reason}")
-    if forward == "transformers" or reason is not None:
-        return TorchScorer(model, yes_id=yes_id, no_id=no_id, attention=hf_attn)
-    if attn == "triton":
-        from worker.engine.kernels import pack_attention_unsupported
-
-        config = model.config
-        kernel_reason = pack_attention_unsupported(config.num_attention_heads, config.num_key_value_heads)
-        if kernel_reason is not None and attention != "auto":
-            raise ValueError(f"RERANK_ATTENTION=triton cannot run this model: {kernel_reason}")
-        if kernel_reason is not None:
-            attn = "flash_varlen"  # `auto` falls back to the kernel that takes any head grouping
-    # torch.compile on CUDA only: on CPU the forward is for tests and small loads, where compiling costs more
-    compiled = compile == "on" or (compile == "auto" and torch_device.type == "cuda")
-    return Qwen3PackedScorer(
-        model,
-        yes_id=yes_id,
-        no_id=no_id,
-        attention=attn,  # type: ignore[arg-type]
-        compile=compiled,
-        cuda_graphs=cuda_graphs,
-    )
 
 
 def yes_minus_no_vector(model: Any, yes_id: int, no_id: int) -> Tensor:
@@ -158,44 +69,6 @@ def yes_minus_no_vector(model: Any, yes_id: int, no_id: int) -> Tensor:
         raise ValueError("the LM head has a bias; the yes-minus-no shortcut assumes none")
     weight: Tensor = head.weight.detach()
     return weight[yes_id].float() - weight[no_id].float()
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"RERANK_DEVICE={device} but CUDA is not available on this machine")
-    return resolved
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-    }
-    return table[dtype]
-
-
-def resolve_attention(attention: str, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
-    """`auto`: on CUDA in bf16/fp16 the worker's Triton pack attention (one kernel per layer, no host-side lengths:
-    the forward is captured as CUDA graphs), on CUDA in fp32 FlexAttention, on CPU SDPA with a dense mask.
-    `flash_varlen` (FlashAttention per segment plus the head-merge kernel) stays selectable on CUDA in bf16/fp16."""
-    if attention == "auto":
-        if device.type != "cuda":
-            return "sdpa"
-        return "triton" if dtype in (torch.bfloat16, torch.float16) else "flex_attention"
-    if attention not in ("triton", "flash_varlen", "flex_attention", "sdpa", "eager"):
-        raise ValueError(f"unknown attention backend {attention!r}")
-    if attention in ("triton", "flash_varlen") and (device.type != "cuda" or dtype == torch.float32):
-        raise ValueError(f"{attention} attention needs CUDA and bfloat16 or float16")
-    return attention  # type: ignore[return-value]
 
 
 class TorchScorer:

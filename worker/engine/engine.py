@@ -15,70 +15,35 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from transformers import AutoTokenizer
 
-from worker.engine.backend import BackendInfo, PackScorer, PendingScores, load_scorer
-from worker.engine.plan import Pack, PreparedJob, build_pack_arrays, plan_packs
+from worker.engine.api import (
+    EngineInfo,
+    IntArray,
+    JobScores,
+    JobStats,
+    PackScorer,
+    PendingPack,
+    PreparedJob,
+    ScoreRequest,
+    TokenIds,
+)
+from worker.engine.plan import Pack, build_pack_arrays, plan_packs
 from worker.engine.prompt import DEFAULT_INSTRUCTION, query_head
-from worker.engine.tokenize import PromptTokenizer, TokenIds
-
-
-@dataclass(frozen=True)
-class ScoreRequest:
-    query: str
-    documents: Sequence[str | None]
-    instruction: str | None = None
-
-
-@dataclass(frozen=True)
-class JobStats:
-    input_docs: int
-    usable_docs: int
-    unique_docs: int
-    dedup_ratio: float  # 1 - unique_docs / usable_docs: the share of usable documents not scored again
-    truncated_docs: int
-    query_truncated: bool
-    tokens: int  # tokens this job put through the model (head copies, documents, suffixes)
-    packed_batches: int
-    packed_max_seq_len: int
-    packed_avg_seq_len: float
-    tokenize_ms: float
-    inference_ms: float
-    elapsed_ms: float
-
-
-@dataclass(frozen=True)
-class JobScores:
-    scores: list[float | None]  # per input document; None for blank documents
-    stats: JobStats
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    model: str
-    device: str
-    dtype: str
-    attention: str
-    forward: str
-    compiled: bool
-    max_batch_tokens: int
-    max_doc_tokens: int
-    max_query_tokens: int
-    cuda_graphs: int = 0  # pack-length buckets replayed as CUDA graphs (captured by warm_up)
+from worker.engine.tokenize import PromptTokenizer
 
 
 @dataclass(frozen=True)
 class ScoringBatch:
     """A planned batch whose first pack is queued on the device (`RerankEngine.submit`); `result()` queues the
-    others, each before waiting for the one ahead, and collects. So the host never runs more than a pack ahead
-    of the device: queuing many packs at once made `submit` block for most of the batch before (measured on an
-    H100 with 8 packs; cause not found). A caller that pipelines batches queues the next one only once this one is
-    `fully_queued`, so that a batch's packs run in order and its results never wait for the next batch's."""
+    others, each before waiting for the one ahead, and collects. The host never runs more than a pack ahead of the
+    device: queuing many packs at once makes `submit` block for most of the batch. A caller that pipelines batches
+    queues the next one only once this one is `fully_queued`, so that a batch's packs run in order and its results
+    never wait for the next batch's."""
 
     engine: RerankEngine
     jobs: Sequence[PreparedJob]
     packs: Sequence[Pack]
-    first: PendingScores | None
+    first: PendingPack | None
     submitted: float  # perf_counter() when `submit` began
     batch_started: float
 
@@ -86,6 +51,10 @@ class ScoringBatch:
     def fully_queued(self) -> bool:
         """Whether `submit` queued every pack (batches of one pack, the common case)."""
         return len(self.packs) <= 1
+
+    @property
+    def num_packs(self) -> int:
+        return len(self.packs)
 
     def result(self) -> list[JobScores]:
         """Per job, its scores and statistics. `inference_ms`: on CUDA the device time from the first pack's start
@@ -98,85 +67,53 @@ class ScoringBatch:
 
 
 class RerankEngine:
+    """Drives any `PackScorer` (worker.engine.api); `worker.engine.load.load_engine` builds one with its model."""
+
     def __init__(
         self,
         tokenizer: PromptTokenizer,
         scorer: PackScorer,
         *,
         model_name: str,
-        max_batch_tokens: int,
+        max_pack_tokens: int,
         default_instruction: str = DEFAULT_INSTRUCTION,
     ) -> None:
         self.tokenizer = tokenizer
         self.scorer = scorer
         self.model_name = model_name
-        self.max_batch_tokens = max_batch_tokens
+        self.max_pack_tokens = max_pack_tokens
         self.default_instruction = default_instruction
         self._check_budget()
-
-    @classmethod
-    def load(
-        cls,
-        model: str,
-        *,
-        device: str = "auto",
-        dtype: str = "auto",
-        attention: str = "auto",
-        forward: str = "auto",
-        compile: str = "auto",
-        cuda_graphs: bool = True,
-        max_batch_tokens: int | None = None,
-        max_doc_tokens: int = 512,
-        max_query_tokens: int = 512,
-        default_instruction: str | None = None,
-        doc_cache_size: int = 0,
-    ) -> RerankEngine:
-        """Load tokenizer and model from a hub name or a local directory (the same `from_pretrained` path)."""
-        hf_tokenizer = AutoTokenizer.from_pretrained(model)
-        tokenizer = PromptTokenizer(
-            hf_tokenizer.backend_tokenizer,
-            max_query_tokens=max_query_tokens,
-            max_doc_tokens=max_doc_tokens,
-            doc_cache_size=doc_cache_size,
-        )
-        scorer = load_scorer(
-            model,
-            device=device,
-            dtype=dtype,
-            attention=attention,
-            forward=forward,
-            compile=compile,
-            cuda_graphs=cuda_graphs,
-            yes_id=tokenizer.yes_id,
-            no_id=tokenizer.no_id,
-        )
-        if max_batch_tokens is None:
-            # A whole 400-document job in one pass on a GPU; on CPU the dense [L, L] mask grows with L squared.
-            max_batch_tokens = 32768 if scorer.device.type == "cuda" else 4096
-        return cls(
-            tokenizer,
-            scorer,
-            model_name=model,
-            max_batch_tokens=max_batch_tokens,
-            default_instruction=default_instruction or DEFAULT_INSTRUCTION,
-        )
 
     def _check_budget(self) -> None:
         tok = self.tokenizer
         empty_head = len(tok.prefix_ids) + tok.count_plain_tokens(query_head("", ""))
         # instruction and query are each at most max_query_tokens; a few tokens of slack for merges at the seams
         worst = empty_head + 2 * tok.max_query_tokens + 8 + tok.max_doc_tokens + len(tok.suffix_ids)
-        if self.max_batch_tokens < worst:
+        if self.max_pack_tokens < worst:
             raise ValueError(
-                f"RERANK_MAX_BATCH_TOKENS={self.max_batch_tokens} cannot hold one longest prompt: it must be at "
+                f"RERANK_MAX_PACK_TOKENS={self.max_pack_tokens} cannot hold one longest prompt: it must be at "
                 f"least {worst} (RERANK_MAX_QUERY_TOKENS={tok.max_query_tokens} for the query and for the "
                 f"instruction, RERANK_MAX_DOC_TOKENS={tok.max_doc_tokens}, {empty_head + len(tok.suffix_ids)} "
                 "template tokens)"
             )
 
+    def with_max_pack_tokens(self, max_pack_tokens: int) -> RerankEngine | None:
+        """The same model and tokenizer under another pack budget, or None when it cannot hold one prompt."""
+        try:
+            return RerankEngine(
+                self.tokenizer,
+                self.scorer,
+                model_name=self.model_name,
+                max_pack_tokens=max_pack_tokens,
+                default_instruction=self.default_instruction,
+            )
+        except ValueError:
+            return None
+
     @property
     def info(self) -> EngineInfo:
-        backend: BackendInfo = self.scorer.info
+        backend = self.scorer.info
         return EngineInfo(
             model=self.model_name,
             device=backend.device,
@@ -184,7 +121,7 @@ class RerankEngine:
             attention=backend.attention,
             forward=backend.forward,
             compiled=backend.compiled,
-            max_batch_tokens=self.max_batch_tokens,
+            max_pack_tokens=self.max_pack_tokens,
             max_doc_tokens=self.tokenizer.max_doc_tokens,
             max_query_tokens=self.tokenizer.max_query_tokens,
             cuda_graphs=backend.cuda_graphs,
@@ -196,7 +133,7 @@ class RerankEngine:
         can; returns the seconds it took.
 
         The compiled forward treats the pack length as dynamic: the first pack compiles, the second length
-        compiles the dynamic graph, later lengths reuse it (checked by bench/warmup.py on the GPU).
+        compiles the dynamic graph, later lengths reuse it (bench/warmup.py counts compiles after warm-up).
         """
         started = time.perf_counter()
         tok = self.tokenizer
@@ -204,13 +141,13 @@ class RerankEngine:
         doc_len = max(1, min(tok.max_doc_tokens, 64))
         filler = np.full(doc_len, tok.yes_id, dtype=tok.prefix_ids.dtype)
         per_doc = doc_len + len(tok.suffix_ids)
-        fill_docs = max(1, (self.max_batch_tokens - len(head)) // per_doc)
+        fill_docs = max(1, (self.max_pack_tokens - len(head)) // per_doc)
         # Largest first: the compiled kernels autotune on the first shape they see, and full packs are what matter.
         for jobs_docs in ([fill_docs], [3, 5, 2], [1]):
-            jobs = [PreparedJob(head, [filler] * n, np.arange(n, dtype=np.int64), False, 0) for n in jobs_docs]
+            jobs = [self._prepared_job(head, [filler] * n) for n in jobs_docs]
             self.run_packs(jobs, self.plan_packs(jobs))
         # then, with every kernel compiled and tuned, one CUDA graph per pack-length bucket where the backend can
-        self.scorer.capture_graphs(self.max_batch_tokens)
+        self.scorer.capture_graphs(self.max_pack_tokens)
         return time.perf_counter() - started
 
     # -- steps -------------------------------------------------------------------------------------------------
@@ -241,25 +178,47 @@ class RerankEngine:
         doc_slot = doc_text.copy()
         usable = doc_text >= 0
         doc_slot[usable] = text_to_unique[doc_text[usable]]
-        return PreparedJob(
-            head_ids=head_ids,
-            unique_docs=unique_docs,
+        return self._prepared_job(
+            head_ids,
+            unique_docs,
             doc_slot=doc_slot,
             query_truncated=query_truncated,
             truncated_docs=sum(enc.truncated for enc in encoded),
             tokenize_ms=(time.perf_counter() - started) * 1e3,
         )
 
-    def plan_packs(self, jobs: Sequence[PreparedJob]) -> list[Pack]:
-        return plan_packs(jobs, len(self.tokenizer.suffix_ids), self.max_batch_tokens)
+    def _prepared_job(
+        self,
+        head_ids: TokenIds,
+        unique_docs: list[TokenIds],
+        *,
+        doc_slot: IntArray | None = None,
+        query_truncated: bool = False,
+        truncated_docs: int = 0,
+        tokenize_ms: float = 0.0,
+    ) -> PreparedJob:
+        """A PreparedJob with its token count; `doc_slot` defaults to one input document per unique one."""
+        suffix_len = len(self.tokenizer.suffix_ids)
+        return PreparedJob(
+            head_ids=head_ids,
+            unique_docs=unique_docs,
+            doc_slot=doc_slot if doc_slot is not None else np.arange(len(unique_docs), dtype=np.int64),
+            query_truncated=query_truncated,
+            truncated_docs=truncated_docs,
+            tokens=len(head_ids) + sum(len(d) + suffix_len for d in unique_docs),
+            tokenize_ms=tokenize_ms,
+        )
 
-    def launch_pack(self, jobs: Sequence[PreparedJob], pack: Pack) -> PendingScores:
+    def plan_packs(self, jobs: Sequence[PreparedJob]) -> list[Pack]:
+        return plan_packs(jobs, len(self.tokenizer.suffix_ids), self.max_pack_tokens)
+
+    def launch_pack(self, jobs: Sequence[PreparedJob], pack: Pack) -> PendingPack:
         """Queue one pack's forward on the device (on the graph path without waiting for the device)."""
         arrays = build_pack_arrays(pack, jobs, self.tokenizer.suffix_ids, self.scorer.pad_to_multiple, pad_id=0)
         return self.scorer.launch_pack(arrays)
 
     def run_packs(
-        self, jobs: Sequence[PreparedJob], packs: Sequence[Pack], first: PendingScores | None = None
+        self, jobs: Sequence[PreparedJob], packs: Sequence[Pack], first: PendingPack | None = None
     ) -> list[np.ndarray]:
         """Forward every pack; returns per job the scores of its unique documents (float32). Each pack is queued
         before the host waits for the one ahead of it: the device goes from pack to pack without waiting for the
@@ -267,7 +226,7 @@ class RerankEngine:
         return self._run_packs(jobs, packs, first)[0]
 
     def _run_packs(
-        self, jobs: Sequence[PreparedJob], packs: Sequence[Pack], first: PendingScores | None
+        self, jobs: Sequence[PreparedJob], packs: Sequence[Pack], first: PendingPack | None
     ) -> tuple[list[np.ndarray], float | None]:
         """`run_packs`, and the device time of the packs' forwards (None off CUDA)."""
         unique_scores = [np.full(len(job.unique_docs), np.nan, dtype=np.float32) for job in jobs]
@@ -326,9 +285,9 @@ class RerankEngine:
                         truncated_docs=job.truncated_docs,
                         query_truncated=job.query_truncated,
                         tokens=job_tokens[j],
-                        packed_batches=len(lengths),
-                        packed_max_seq_len=max(lengths, default=0),
-                        packed_avg_seq_len=round(float(np.mean(lengths)), 1) if lengths else 0.0,
+                        packs=len(lengths),
+                        longest_pack_tokens=max(lengths, default=0),
+                        mean_pack_tokens=round(float(np.mean(lengths)), 1) if lengths else 0.0,
                         tokenize_ms=round(job.tokenize_ms, 3),
                         inference_ms=round(inference_ms, 3),
                         elapsed_ms=round(elapsed_ms, 3),

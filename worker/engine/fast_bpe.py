@@ -1,9 +1,9 @@
 """Document tokenizing through tiktoken's BPE over the tokenizer's own vocabulary, when that gives the same ids.
 
-Why: documents are the CPU side's largest cost (400 documents, 28k tokens: ~15 ms in `tokenizers` on two cores,
-~6 ms here). Qwen's byte-level BPE started life as a tiktoken encoding; its `tokenizer.json` is that encoding
-converted. `FastBPE.of` rebuilds the tiktoken ranks from the vocabulary and accepts the tokenizer only if the
-steps that could make the two disagree are ruled out or checked:
+Why: tokenizing documents is the CPU side's largest cost, and tiktoken's BPE does it faster than `tokenizers`.
+Qwen's byte-level BPE is a tiktoken encoding at heart; its `tokenizer.json` is that encoding converted. `FastBPE.of`
+rebuilds the tiktoken ranks from the vocabulary and accepts the tokenizer only if the steps that could make the two
+disagree are ruled out or checked:
 
 - normalizer NFC or none (applied with the tokenizer's own normalizer, so Unicode tables cannot differ);
 - pre-tokenizer exactly [Split(regex, Isolated), ByteLevel without its own regex]: the same regex goes to tiktoken;
@@ -97,7 +97,7 @@ class FastBPE:
     @classmethod
     def of(cls, tokenizer: Tokenizer) -> tuple[FastBPE | None, str]:
         """The fast path for this tokenizer, or None and the reason it does not apply (checked once per
-        distinct tokenizer in a process: the checks walk the whole vocabulary, ~2 s)."""
+        distinct tokenizer in a process: the checks walk the whole vocabulary, which takes seconds)."""
         spec_text = tokenizer.to_str()
         key = hashlib.sha256(spec_text.encode()).hexdigest()
         if key not in _CHECKED:
@@ -157,7 +157,7 @@ class FastBPE:
 
     def _encode_joined(self, texts: Sequence[str]) -> list[TokenIds]:
         """One tiktoken call for all texts, joined on SEPARATOR (a special token here): per-text calls each take
-        and give back the GIL, which serialized threads (two threads were slower than one). tiktoken runs its regex
+        and give back the GIL, which serializes the threads (two would be slower than one). tiktoken runs its regex
         on the text between special tokens alone, so each text is split exactly as if it were encoded by itself.
         A text that holds SEPARATOR itself would be cut there: it is encoded alone."""
         norm = self._normalizer

@@ -1,4 +1,5 @@
-"""Two Triton kernels for the packed forward on CUDA, where the compiler's versions cost twice their memory traffic.
+"""Triton kernels for the packed forward on CUDA: each does in one pass what the compiler or a library does in
+several, so no intermediate tensor between those passes is written to memory and read back.
 
 `qk_norm_rotary`: per-head RMSNorm of q and k and rotate-half rotary, read straight from the fused q/k/v matmul
 output and written as the contiguous q and k FlashAttention takes (v is passed on as a strided view: no copy).
@@ -6,17 +7,22 @@ Roundings follow the eager Qwen3 code step by step (norm, weight product, each r
 each rounded to the model dtype), so the result is what `transformers` computes, not a more precise cousin of it.
 
 `head_attention_merge`: each document token's attention over its group's head (the shared query prefix), merged
-into the attention over its own segment that FlashAttention already wrote, in place, by log-sum-exp. This replaces
-a second FlashAttention call over gathered head rows and a separate merge pass (three full-size tensors written and
-read) with one pass. The head is the contiguous pack range [head_start, head_end) of each token, so nothing is
-gathered.
+into the attention over its own segment that FlashAttention already wrote, in place, by log-sum-exp. One pass, so
+there is no second FlashAttention call over gathered head rows and no separate merge pass (which would write and
+read three full-size tensors). The head is the contiguous pack range [head_start, head_end) of each token, so
+nothing is gathered.
+
+`pack_attention`: the whole pack's attention in one kernel (own segment, then the group's head, one online
+softmax), from per-token ranges on the device alone, so a CUDA graph can hold it.
 
 `gate_up_silu`: the MLP's fused gate/up matmul with SiLU(gate) * up applied to the accumulator before anything is
-written (cuBLAS has no such epilogue: its [L, 2 x intermediate] output was written, then read back by a separate
-SiLU * up kernel). A persistent kernel with TMA loads; each tile's B operand is one [2, 128, 64] box of the fused
-weight seen as [2, intermediate, hidden]: 128 gate rows and the same 128 up rows, so one matmul gives both halves.
+written (cuBLAS has no such epilogue: with it the [L, 2 x intermediate] output is written, then read back by a
+separate SiLU * up kernel). A persistent kernel with TMA loads; each tile's B operand is one [2, 128, 64] box of the
+fused weight seen as [2, intermediate, hidden]: 128 gate rows and the same 128 up rows, so one matmul gives both
+halves.
 
-All take any float dtype; the tests run them under Triton's interpreter on CPU and on the GPU.
+All take any float dtype (`gate_up_silu` only bf16 or fp16 on CUDA); the tests run them under Triton's interpreter
+on CPU and on the GPU.
 """
 
 from __future__ import annotations
@@ -60,8 +66,8 @@ def _qk_norm_rotary_kernel(
     BLOCK_R: tl.constexpr,
 ):
     # A program takes BLOCK_R consecutive (token, head) rows, head fastest: its loads and stores are whole runs of
-    # each token's q/k and a token's cos/sin are read once, then hit in cache. (One program per token block and head
-    # re-read every cos/sin row once per head: 220 vs 147 us per layer of a 32k-token pack on an H100.)
+    # each token's q/k and a token's cos/sin are read once, then hit in cache (one program per token block and head
+    # would re-read every cos/sin row once per head).
     HEADS: tl.constexpr = H + KV
     HALF: tl.constexpr = D // 2
     pairs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -373,7 +379,7 @@ def pack_attention(
     segment_start: Tensor,
     scale: float,
     *,
-    block_n: int = 32,  # H100, bf16, 32k-token packs: 318 us vs 384 (64) and 329 (16) per layer
+    block_n: int = 32,  # tuned on Hopper for bf16 32k-token packs (the fastest of 16, 32 and 64)
     out: Tensor | None = None,  # [L, H, D] contiguous, written in place of a new tensor
 ) -> Tensor:
     """Attention of a whole pack in one kernel: each token causally over its own segment and, for document tokens,
@@ -407,10 +413,10 @@ def pack_attention(
     return out
 
 
-# gate_up_silu's tile: 128 rows x (128 gate + 128 up columns), 64-wide steps along the hidden size. Measured on an H100
-# at a 32,768-row pack (hidden 1,024, intermediate 3,072): 602-653 us against 775-812 us for cuBLAS's gate/up matmul
-# plus the compiled SiLU * up (a 128 x 128 tile with separate gate and up accumulators: 759 us; not persistent,
-# plain pointer loads: 834 us).
+# gate_up_silu's tile: 128 rows x (128 gate + 128 up columns), 64-wide steps along the hidden size. Tuned on Hopper
+# for 32k-row packs of Qwen3-Reranker-0.6B's shape (hidden 1,024, intermediate 3,072), where it beats cuBLAS's
+# gate/up matmul plus the compiled SiLU * up, and beats a 128 x 128 tile with separate gate and up accumulators and a
+# non-persistent kernel with plain pointer loads.
 GATE_UP_BLOCK_M, GATE_UP_CHUNK, GATE_UP_BLOCK_K = 128, 128, 64
 # 3 stages of an x box and a weight box (16 + 32 KiB) and the output tile (32 KiB), with room: H100/H200/B200 allow
 # 227-228 KiB per block, consumer Blackwell (compute capability 12.x) about 99

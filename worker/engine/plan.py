@@ -12,23 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import numpy.typing as npt
 
-from worker.engine.tokenize import TokenIds
-
-IntArray = npt.NDArray[np.int64]
-
-
-@dataclass
-class PreparedJob:
-    """One job's texts as token ids, deduplicated; `doc_slot[i]` is input document i's unique doc, or -1 if blank."""
-
-    head_ids: TokenIds
-    unique_docs: list[TokenIds]
-    doc_slot: IntArray
-    query_truncated: bool
-    truncated_docs: int
-    tokenize_ms: float = 0.0
+from worker.engine.api import PackArrays, PreparedJob, TokenIds
 
 
 @dataclass(frozen=True)
@@ -50,27 +35,27 @@ class _PackBuilder:
     num_tokens: int = 0
 
 
-def plan_packs(jobs: Sequence[PreparedJob], suffix_len: int, max_batch_tokens: int) -> list[Pack]:
-    """Greedy in-order packing of every job's unique documents under `max_batch_tokens` per pack.
+def plan_packs(jobs: Sequence[PreparedJob], suffix_len: int, max_pack_tokens: int) -> list[Pack]:
+    """Greedy in-order packing of every job's unique documents under `max_pack_tokens` per pack.
 
     A pack that holds a single document may exceed the budget if head + document alone do (the engine rejects such
     settings at start; this keeps the planner total).
     """
     packs: list[Pack] = []
-    current = _PackBuilder(max_batch_tokens)
+    current = _PackBuilder(max_pack_tokens)
 
     def close() -> None:
         nonlocal current
         if current.groups:
             packs.append(Pack(tuple(current.groups), current.num_tokens))
-        current = _PackBuilder(max_batch_tokens)
+        current = _PackBuilder(max_pack_tokens)
 
     for job_index, job in enumerate(jobs):
         head_len = len(job.head_ids)
         group_docs: list[int] = []
         for doc_index, doc in enumerate(job.unique_docs):
             cost = len(doc) + suffix_len + (0 if group_docs else head_len)
-            if current.num_tokens + cost > max_batch_tokens and (current.groups or group_docs):
+            if current.num_tokens + cost > max_pack_tokens and (current.groups or group_docs):
                 if group_docs:
                     current.groups.append(PackGroup(job_index, tuple(group_docs)))
                     group_docs = []
@@ -82,23 +67,6 @@ def plan_packs(jobs: Sequence[PreparedJob], suffix_len: int, max_batch_tokens: i
             current.groups.append(PackGroup(job_index, tuple(group_docs)))
     close()
     return packs
-
-
-@dataclass(frozen=True)
-class PackArrays:
-    """Host-side tensors of one pack, all int64 (what torch indexing wants)."""
-
-    input_ids: IntArray  # [L]
-    position_ids: IntArray  # [L]
-    group: IntArray  # [L]: group number within the pack, -1 for padding
-    doc: IntArray  # [L]: 0 for head tokens, 1.. per document, -1 for padding
-    doc_ends: IntArray  # [num_docs]: index of each document's last token (the last suffix token)
-    num_tokens: int  # unpadded length
-    # The same rules as intervals (see masks.interval_mask): token q may see [head_start, head_end) up to q, and
-    # [segment_start, q]. Padding is one segment with an empty head range.
-    head_start: IntArray  # [L]: first token of the group's head
-    head_end: IntArray  # [L]: one past the group's last head token
-    segment_start: IntArray  # [L]: first token of the token's own segment (its head, or its document)
 
 
 def build_pack_arrays(

@@ -5,8 +5,8 @@ Official per-pair input (QwenLM/Qwen3-Embedding, examples/qwen3_reranker_transfo
 
 The packed path shares everything up to and including "<Document>:" and tokenizes " " + doc on its own. Splitting
 after the colon is exact: the pre-tokenizer always cuts between ">:" and the following space, so the two halves
-give the same ids as the whole. Splitting after the space (the seed's way) is not: it yields [">:", " ", "The"]
-where the official string yields [">:", " The"].
+give the same ids as the whole. Splitting after the space would not be: it yields [">:", " ", "The"] where the
+official string yields [">:", " The"].
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -35,17 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from worker.engine.api import BackendInfo, PackArrays
+from worker.engine.backend import FLEX_BLOCK, PendingScores, device_mark, yes_minus_no_vector
 from worker.engine.masks import block_structure, dense_mask, interval_mask
-from worker.engine.plan import PackArrays
-
-if TYPE_CHECKING:
-    from worker.engine.backend import BackendInfo, PendingScores
 
 PackedAttention = Literal["triton", "flash_varlen", "flex_attention", "sdpa"]
-FLEX_BLOCK = 128
-# Triton specializes an integer argument on its divisibility by 16, so pack lengths of both kinds compiled a second
-# variant of qk_norm_rotary and pack_attention while serving (bench.warmup with RERANK_CUDA_GRAPHS=false, H100).
-# Kernel-by-kernel packs padded to a multiple of 16 keep one variant (graphs pad to their buckets anyway).
+# Triton specializes an integer argument on its divisibility by 16, so pack lengths of both kinds would compile a
+# second variant of qk_norm_rotary and pack_attention while serving (bench.warmup counts them). Packs that run kernel
+# by kernel are padded to a multiple of 16 to keep one variant (graphs pad to their buckets anyway).
 TRITON_LENGTH_MULTIPLE = 16
 # Document-end rows are padded to a multiple of this (repeating the last end) so their count never hits the
 # compiler's 0/1 specializations or changes a graph's shape class.
@@ -113,9 +110,9 @@ def norm_gate_up(x: Tensor, post_norm: Tensor, gate_up_weight: Tensor, eps: floa
 def mlp_block(x: Tensor, attended: Tensor, w: LayerWeights, eps: float, norm_gate_up: Any = norm_gate_up) -> Tensor:
     """o_proj and the MLP, each added to the residual stream inside its matmul: `addmm_` in place on `x` has cuBLAS
     read x as the accumulator's starting value (beta = 1), so no separate add kernel reads and writes the stream
-    again (~2.5 ms per 32k-token pack on an H100). The sum is rounded to x's dtype once, from the fp32
-    accumulator; Qwen3's own forward rounds the projection first, then the sum. `x` is overwritten: callers pass
-    a stream nothing else reads (the embedding's output, a gather, the previous layer's result)."""
+    again. The sum is rounded to x's dtype once, from the fp32 accumulator; Qwen3's own forward rounds the
+    projection first, then the sum. `x` is overwritten: callers pass a stream nothing else reads (the embedding's
+    output, a gather, the previous layer's result)."""
     x = x.addmm_(attended.reshape(x.shape[0], -1), w.o.t())
     return x.addmm_(norm_gate_up(x, w.post_norm, w.gate_up, eps), w.down.t())
 
@@ -252,8 +249,6 @@ class Qwen3PackedScorer:
         self.rotary = decoder.rotary_emb
         self.final_norm = decoder.norm.weight.detach()
         self.layers = _extract_layers(model)
-        from worker.engine.backend import yes_minus_no_vector
-
         self.yes_minus_no = yes_minus_no_vector(model, yes_id, no_id)
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(config.num_key_value_heads)
@@ -297,15 +292,13 @@ class Qwen3PackedScorer:
 
     def _norm_gate_up_fused(self, x: Tensor, post_norm: Tensor, gate_up_weight: Tensor, eps: float) -> Tensor:
         """`norm_gate_up` with the matmul and SiLU * up in one Triton kernel (`kernels.gate_up_silu`): the
-        [L, 2 x intermediate] matmul output is never written (~4 ms per 32k-token pack on an H100)."""
+        [L, 2 x intermediate] matmul output is never written nor read back."""
         from worker.engine.kernels import gate_up_silu
 
         return gate_up_silu(self._rms_norm(x, post_norm, eps), gate_up_weight)
 
     @property
     def info(self) -> BackendInfo:
-        from worker.engine.backend import BackendInfo
-
         dtype = str(self.dtype).removeprefix("torch.")
         graphs = len(self.graphs.buckets) if self.graphs is not None else 0
         return BackendInfo(str(self.device), dtype, self.attention, "packed-qwen3", self.compiled, graphs)
@@ -435,8 +428,6 @@ class Qwen3PackedScorer:
     def launch_pack(self, arrays: PackArrays) -> PendingScores:
         """Queue the pack's forward; nothing on the graph path waits for the device (the FlashAttention path
         reads no device values either, but its host-side lengths are built from the arrays)."""
-        from worker.engine.backend import PendingScores, device_mark
-
         num_docs = len(arrays.doc_ends)
         # Triton launches on the calling thread's current device, and the GPU thread never set one: cuda:N needs it
         with self._on_device(), torch.inference_mode():
@@ -492,10 +483,9 @@ def graph_buckets(max_tokens: int) -> list[int]:
 class PackGraphs:
     """CUDA graphs of `forward_body`, one per length bucket, sharing one memory pool and one pair of output tensors
     (all on one stream: replays never overlap, and each replay's outputs are read before the next replay, in
-    stream order, so packs can be queued back to back). A pack is padded to its
-    bucket: each padding token is its own one-token segment with an empty head, so real rows never see it and it
-    costs the attention one key. Replaying costs one launch instead of a few hundred, so the host is free while the
-    GPU works."""
+    stream order, so packs can be queued back to back). A pack is padded to its bucket: each padding token is its
+    own one-token segment with an empty head, so real rows never see it and it costs the attention one key.
+    Replaying costs one launch instead of a few hundred, so the host is free while the GPU works."""
 
     def __init__(self, scorer: Qwen3PackedScorer, buckets: list[int]) -> None:
         self.scorer = scorer
@@ -511,8 +501,8 @@ class PackGraphs:
         self.attended_out = torch.empty((longest, scorer.heads, scorer.head_dim), device=device, dtype=dtype)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         # Longest first: the graphs share one pool, and a block one capture freed can be split for a smaller
-        # request of a later capture but never serve a bigger one, so shortest-first left every bucket's blocks
-        # cached side by side (replays never overlap and keep nothing in the pool, so sharing is safe either way).
+        # request of a later capture but never serve a bigger one, so shortest first would leave every bucket's
+        # blocks cached side by side (replays never overlap and keep nothing in the pool, so sharing is safe).
         for bucket in sorted(buckets, reverse=True):
             self._capture(bucket)
 

@@ -9,14 +9,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import numpy.typing as npt
 from tokenizers import Tokenizer
 
-from worker.engine.errors import InvalidJobError
+from worker.engine.api import InvalidJobError, TokenIds
 from worker.engine.fast_bpe import FastBPE
 from worker.engine.prompt import NO_TOKEN, PREFIX, SUFFIX, YES_TOKEN, document_tail, query_head
-
-TokenIds = npt.NDArray[np.int32]
 
 
 @dataclass(frozen=True)
@@ -78,11 +75,12 @@ class PromptTokenizer:
     def with_limits(
         self, *, max_query_tokens: int, max_doc_tokens: int, doc_cache_size: int | None = None
     ) -> PromptTokenizer:
-        """A tokenizer with other limits sharing this one's tokenizers (copying them costs ~1 s)."""
+        """A tokenizer with other limits sharing this one's tokenizers (building them again parses the whole
+        tokenizer, twice)."""
         clone = copy.copy(self)
         clone.max_query_tokens = max_query_tokens
         clone.max_doc_tokens = max_doc_tokens
-        clone._doc_cache = OrderedDict()  # cached ids were cut to the old limit
+        clone._doc_cache = OrderedDict()  # this tokenizer's cached ids are cut to its own limit
         if doc_cache_size is not None:
             clone._doc_cache_size = doc_cache_size
         return clone
@@ -131,7 +129,7 @@ class PromptTokenizer:
             if self._fast is not None:
                 encodings = self._fast.encode_batch(tails)
             else:
-                # encode_batch_fast (tokenizers >= 0.21) skips the offsets, which documents never need: ~20% faster
+                # encode_batch_fast (tokenizers >= 0.21) skips computing the offsets, which documents never need
                 encode = getattr(self._plain, "encode_batch_fast", self._plain.encode_batch)
                 encodings = [e.ids for e in encode(tails, add_special_tokens=False)]
             for i, ids in zip(missing, encodings, strict=True):

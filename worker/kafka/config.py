@@ -1,6 +1,6 @@
 """kafka-python keyword arguments built from Settings: connection and security once, then consumer and producer.
 
-Checked against kafka-python 3.0.12 (FACTS.md): the consumer defaults to auto-commit and `latest`, which a job
+Checked against kafka-python 3.0.12's own defaults: the consumer defaults to auto-commit and `latest`, which a job
 queue with at-least-once must not use; the producer defaults to acks=all and idempotence, set here explicitly
 anyway so a change of default cannot weaken them. Sizes: one RERANK_MAX_MESSAGE_BYTES setting drives the
 producer's request size and the consumer's fetch sizes, so a job or result the broker accepts is also one the

@@ -14,7 +14,7 @@ from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient
 
 from worker.kafka.config import FRAMING_BYTES, connection_kwargs, producer_kwargs
-from worker.kafka.errors import FatalError, one_line
+from worker.pipeline.errors import FatalError, one_line
 from worker.settings import Settings
 
 TOPIC_ALREADY_EXISTS = 36

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from worker.kafka.errors import reason_of, retry_error
+from worker.pipeline.errors import reason_of, retry_error
 
 if TYPE_CHECKING:
     import tenacity

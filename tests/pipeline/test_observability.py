@@ -9,12 +9,12 @@ import urllib.request
 
 import pytest
 
-from worker.engine import InvalidJobError
-from worker.kafka.deadletter import dead_letter, failure_from, header_map, smaller_dead_letter
-from worker.kafka.http import HealthServer
-from worker.kafka.logs import JsonFormatter, job_fields
-from worker.kafka.metrics import Counter, Gauge, Histogram, Registry, WorkerMetrics
-from worker.kafka.records import SourceRecord
+from worker.engine.api import InvalidJobError
+from worker.pipeline.deadletter import dead_letter, header_map, smaller_dead_letter
+from worker.pipeline.http import HealthServer
+from worker.pipeline.logs import JsonFormatter, job_fields
+from worker.pipeline.metrics import Counter, Gauge, Histogram, Registry, WorkerMetrics
+from worker.pipeline.records import Failure, SourceRecord
 
 RECORD = SourceRecord(
     topic="jobs",
@@ -29,7 +29,7 @@ RECORD = SourceRecord(
 
 
 def test_dead_letter_keeps_bytes_and_says_why() -> None:
-    failure = failure_from(InvalidJobError("not_utf8", "job is not UTF-8"), stage="validate")
+    failure = Failure.of(InvalidJobError("not_utf8", "job is not UTF-8"), stage="validate")
     letter = dead_letter(RECORD, failure, topic="dlq", group_id="g", worker_id="w-1", model="m", job_id="job-1")
     assert (letter.topic, letter.key, letter.value) == ("dlq", b"job-1", b"\xff not utf-8")
     h = header_map(letter.headers)
@@ -55,7 +55,7 @@ def test_dead_letter_keeps_bytes_and_says_why() -> None:
 
 def test_tombstone_and_oversized_dead_letters() -> None:
     tombstone = SourceRecord("jobs", 0, 1, 0, 0, key=None, value=None)
-    failure = failure_from(InvalidJobError("not_json", "empty"), stage="validate")
+    failure = Failure.of(InvalidJobError("not_json", "empty"), stage="validate")
     letter = dead_letter(tombstone, failure, topic="dlq", group_id="g", worker_id="w", model="m", job_id=None)
     assert letter.value == b""  # Kafka needs a key or a value
     big = dead_letter(RECORD, failure, topic="dlq", group_id="g", worker_id="w", model="m", job_id=None)
@@ -69,7 +69,7 @@ def test_tombstone_and_oversized_dead_letters() -> None:
 def test_transient_failure_category() -> None:
     from kafka.errors import KafkaTimeoutError
 
-    f = failure_from(KafkaTimeoutError("no ack"), stage="publish", attempts=5)
+    f = Failure.of(KafkaTimeoutError("no ack"), stage="publish", attempts=5)
     assert (f.reason, f.category, f.attempts, f.stage) == ("produce_timeout", "transient", 5, "publish")
 
 

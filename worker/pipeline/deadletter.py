@@ -33,13 +33,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from worker.kafka.errors import error_class, is_transient, one_line, reason_of
-from worker.kafka.records import Failure, Headers, Outgoing, SourceRecord
+from worker.pipeline.records import Failure, Headers, Outgoing, SourceRecord
 
 PREFIX = "rerank."
 VALUE_DROPPED = "rerank.original.value.dropped"
 HEADERS_DROPPED = "rerank.original.headers.dropped"
-_REPLACED = (
+# Headers the worker writes on a dead letter: replaced when a job is dead-lettered again, removed when requeued.
+REPLACED = (
     "rerank.error.",
     "rerank.original.",
     "rerank.consumer.",
@@ -49,22 +49,10 @@ _REPLACED = (
 )
 
 
-def failure_from(error: BaseException, *, stage: str, attempts: int = 1) -> Failure:
-    """The Failure of an exception, its reason and category decided by the exception's class."""
-    return Failure(
-        reason=reason_of(error),
-        category="transient" if is_transient(error) else "permanent",
-        stage=getattr(error, "stage", stage),
-        error_class=error_class(error),
-        message=one_line(error),
-        attempts=attempts,
-    )
-
-
 def dead_letter_headers(
     record: SourceRecord, failure: Failure, *, group_id: str, worker_id: str, model: str
 ) -> Headers:
-    kept = [(k, v) for k, v in record.headers if not k.startswith(_REPLACED)]
+    kept = [(k, v) for k, v in record.headers if not k.startswith(REPLACED)]
     ours = {
         "rerank.error.reason": failure.reason,
         "rerank.error.category": failure.category,
@@ -112,7 +100,7 @@ def smaller_dead_letter(letter: Outgoing) -> Outgoing | None:
         size = str(len(letter.value or b"")).encode()
         return replace(letter, value=b"", headers=[*letter.headers, (VALUE_DROPPED, size)])
     if HEADERS_DROPPED not in names:
-        ours = [(k, v) for k, v in letter.headers if k.startswith(_REPLACED)]
+        ours = [(k, v) for k, v in letter.headers if k.startswith(REPLACED)]
         dropped = str(len(letter.headers) - len(ours)).encode()
         return replace(letter, headers=[*ours, (HEADERS_DROPPED, dropped)])
     return None

@@ -1,19 +1,32 @@
-"""Which offset may be committed: one past the highest offset below which every polled job is done.
+"""Stage commit (consumer thread): per partition, the offset that may be committed, and its commit.
 
-Jobs finish out of order (small jobs pack faster than big ones, a retried publish finishes late). Committing the
-highest finished offset would lose the unfinished ones below it on a crash; committing the contiguous watermark
-never does. Offsets of one partition need not be consecutive (compaction, transaction markers), so the watermark
-is the smallest offset still pending, or one past the highest offset seen when nothing is pending.
+The rule: one past the highest offset below which every polled job is finished. Jobs finish out of order (small
+jobs pack faster than big ones, a retried publish finishes late). Committing the highest finished offset would lose
+the unfinished ones below it on a crash; committing the contiguous watermark never does. Offsets of one partition
+need not be consecutive (compaction, transaction markers), so the watermark is the smallest offset still pending,
+or one past the highest offset seen when nothing is pending. A job is finished when its result or dead letter is
+acknowledged, or when there was nothing to send (a replay's skip).
 
-Pure bookkeeping, no Kafka calls: the consumer thread owns the tracker (the rebalance listener touches it too,
-but only while the consumer thread is blocked inside `poll`, so there is never a second concurrent user).
+`OffsetTracker` is pure bookkeeping, no Kafka calls; `Committer` commits its watermarks through the consumer. Both
+belong to the consumer thread (the rebalance listener uses them too, but only while the consumer thread is blocked
+inside `poll`, so there is never a second concurrent user). The worker commits the workers' group; a replay commits
+its own group, which is how far it got.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
+
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from worker.pipeline.errors import one_line
+from worker.pipeline.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
 
 P = TypeVar("P", bound=Hashable)  # a partition: kafka's TopicPartition, or anything hashable in tests
 
@@ -96,3 +109,44 @@ class OffsetTracker(Generic[P]):
 
     def partitions(self) -> list[P]:
         return list(self._partitions)
+
+
+class Committer:
+    """Commits the tracker's watermarks through the consumer (synchronously, or from the rebalance listener,
+    asynchronously: a blocking commit cannot run on kafka-python's IO thread, which calls the listener)."""
+
+    def __init__(self, consumer: Any, metrics: WorkerMetrics) -> None:
+        self.consumer = consumer
+        self.metrics = metrics
+        self.tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+
+    def commit(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        """Commit the watermarks of `partitions` that moved; a failure (a rebalance under way) is logged and
+        counted, and what is not committed is redelivered. Returns what was committed."""
+        offsets = self.tracker.committable(partitions)
+        if not offsets:
+            return {}
+        try:
+            self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
+        except KafkaError as e:
+            self.metrics.commits.inc(result="failed")
+            log.warning("commit failed: %s", one_line(e), extra={"offsets": show(offsets)})
+            return {}
+        self.tracker.mark_committed(offsets)
+        self.metrics.commits.inc(result="ok")
+        log.debug("committed", extra={"offsets": show(offsets)})
+        return offsets
+
+    def commit_async(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        offsets = self.tracker.committable(partitions)
+        if offsets:
+            self.consumer.commit_async({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
+            self.tracker.mark_committed(offsets)
+        return offsets
+
+
+def show(partitions: Iterable[TopicPartition] | dict[TopicPartition, int]) -> dict[str, Any] | list[str]:
+    """Partitions (or partition offsets) as `topic[partition]` for log lines."""
+    if isinstance(partitions, dict):
+        return {f"{tp.topic}[{tp.partition}]": o for tp, o in partitions.items()}
+    return sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions)

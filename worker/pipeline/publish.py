@@ -1,18 +1,19 @@
-"""The publisher thread: send results and dead letters, wait for the broker's acknowledgement, report completions.
+"""Stage publish (the publisher thread): send results and dead letters, wait for the broker's acknowledgement, hand
+the finished records back to the consumer thread.
 
-A job is done only when its result or dead letter is acknowledged (acks=all, idempotent producer); only then does
-its record go back to the consumer thread, which commits the watermark. Everything queued is sent first and then
-awaited in order, so many sends share a round trip.
+A job is finished only when its result or dead letter is acknowledged (acks=all, idempotent producer); only then
+does its record go back to the consumer thread, which commits the watermark. Everything queued is sent first and
+then awaited in order, so many sends share a round trip.
 
-Failures of one message:
+The one publishing-failure policy of the worker and the replay, per message:
 - transient (retriable Kafka error, timeout): tried again with tenacity (exponential backoff with jitter) up to
   RERANK_MAX_ATTEMPTS, the first try being the pipelined send;
-- a result that still fails, or is rejected (too large, not authorized for its reply topic), is replaced by the
-  job's dead letter, with the attempts made;
+- a result that still fails, or is refused (too large, not authorized for its reply topic), rejects its job through
+  the sink (`Outbox.reject`: the worker dead-letters it, a replay stops or skips it), with the attempts made;
 - a dead letter too large for the dead-letter topic is sent again without its value (`rerank.original.value.dropped`),
   and if still too large, also without the original record's own headers (`rerank.original.headers.dropped`);
-- a dead letter that cannot be published at all is fatal: the worker exits without committing the job, which is
-  then redelivered (Kafka is unreachable or misconfigured; nothing is lost).
+- a dead letter that cannot be published at all is fatal: nothing more is acknowledged, and the job is redelivered
+  (Kafka is unreachable or misconfigured; nothing is lost).
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ from typing import Any
 
 import tenacity
 
-from worker.kafka.deadletter import failure_from, smaller_dead_letter
-from worker.kafka.errors import PermanentError, is_too_large, is_transient, one_line, retry_error
-from worker.kafka.logs import job_fields
-from worker.kafka.metrics import WorkerMetrics
-from worker.kafka.records import Failure, Outgoing
+from worker.pipeline.deadletter import smaller_dead_letter
+from worker.pipeline.errors import Fatal, PermanentError, is_too_large, is_transient, one_line, retry_error
+from worker.pipeline.logs import job_fields
+from worker.pipeline.metrics import WorkerMetrics
+from worker.pipeline.records import Failure, Outgoing
+from worker.pipeline.sink import Outbox
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -50,13 +52,11 @@ class Publisher(threading.Thread):
     def __init__(
         self,
         producer: Any,
-        outbox: queue.Queue[Outgoing | None],
+        outbox: Outbox,
         settings: Settings,
         metrics: WorkerMetrics,
+        fatal: Fatal,
         *,
-        on_done: Callable[[Outgoing], None],
-        redirect: Callable[[Outgoing, Failure], Outgoing],
-        on_fatal: Callable[[str], None],
         sleep: Callable[[float], None] | None = None,
     ) -> None:
         super().__init__(name="rerank-publish", daemon=True)
@@ -64,50 +64,55 @@ class Publisher(threading.Thread):
         self.outbox = outbox
         self.settings = settings
         self.metrics = metrics
-        self.on_done = on_done
-        self.redirect = redirect  # a failed result -> the job's dead letter
-        self.on_fatal = on_fatal
-        self.abort = threading.Event()  # set on a fatal error: stop waiting for anything
-        self._sleep: Callable[[float], Any] = sleep or self.abort.wait  # a fatal error cuts a backoff short
+        self.fatal = fatal
+        self._sleep: Callable[[float], None] = sleep or self._wait  # a fatal error cuts a backoff short
         self.wait_s = settings.produce_timeout_ms / 1000 + 5
+
+    def _wait(self, seconds: float) -> None:
+        self.fatal.wait(seconds)
 
     def run(self) -> None:
         try:
             self._run()
-        except Exception as e:  # a bug: exit (nothing unacknowledged was committed) rather than hang
+        except Exception as e:  # a bug: stop (nothing unacknowledged was committed) rather than hang
             log.exception("the publisher thread crashed")
-            self.abort.set()
-            self.on_fatal(f"the publisher thread crashed: {one_line(e)}. This is a bug.")
+            self.fatal.fail(f"the publisher thread crashed: {one_line(e)}. This is a bug.")
 
     def _run(self) -> None:
-        finished = False
-        while not finished and not self.abort.is_set():
-            first = self.outbox.get()
+        messages = self.outbox.messages
+        closing = False  # the outbox was closed: send what is queued (dead letters of failed results too), then end
+        while not self.fatal.is_set():
+            try:
+                first = messages.get_nowait() if closing else messages.get()
+            except queue.Empty:
+                return
             if first is None:
-                break
+                closing = True
+                continue
             batch = [first]
             while True:  # everything already queued rides the same round trip
                 try:
-                    more = self.outbox.get_nowait()
+                    more = messages.get_nowait()
                 except queue.Empty:
                     break
                 if more is None:
-                    finished = True
-                    break
+                    closing = True
+                    continue
                 batch.append(more)
-            sent = [(o, self._send(o)) for o in batch]
+            sent = [(o, self.send(o)) for o in batch]
             for o, future in sent:
-                if self.abort.is_set():
+                if self.fatal.is_set():
                     return
                 self.settle(o, future)
 
-    def _send(self, o: Outgoing) -> Any:
+    def send(self, o: Outgoing) -> Any:
         try:
             return self.producer.send(o.topic, key=o.key, value=o.value, headers=o.headers)
         except Exception as e:  # raised before a future existed (too large, metadata timeout, buffer full)
             return _Failed(e)
 
     def settle(self, o: Outgoing, future: Any) -> None:
+        """Wait for `o`'s acknowledgement, trying again where that helps; then finish it or handle its failure."""
         futures = iter([future])
         attempts = 0
         retrying = tenacity.Retrying(
@@ -116,7 +121,7 @@ class Publisher(threading.Thread):
                 multiplier=self.settings.retry_initial_ms / 1000, max=self.settings.retry_max_ms / 1000
             ),
             retry=tenacity.retry_if_exception(is_transient),
-            sleep=lambda seconds: self._sleep(seconds),
+            sleep=self._sleep,
             before_sleep=self._count_retry,
             reraise=True,
         )
@@ -124,9 +129,9 @@ class Publisher(threading.Thread):
             for attempt in retrying:
                 with attempt:
                     attempts = attempt.retry_state.attempt_number
-                    if self.abort.is_set():
-                        raise PermanentError("aborted", "the worker is stopping after a fatal error", stage="publish")
-                    f = next(futures, None) or self._send(o)
+                    if self.fatal.is_set():
+                        raise PermanentError("aborted", "stopping after a fatal error", stage="publish")
+                    f = next(futures, None) or self.send(o)
                     f.get(timeout=self.wait_s)
         except Exception as e:
             self.failed(o, e, attempts)
@@ -139,31 +144,23 @@ class Publisher(threading.Thread):
         log.warning("publish failed, trying again: %s", one_line(error) if error else "?")
 
     def failed(self, o: Outgoing, error: BaseException, attempts: int) -> None:
-        if self.abort.is_set():
+        if self.fatal.is_set():
             return
         fields = job_fields(o.record, o.job_id, topic_out=o.topic, attempts=attempts)
         if o.kind == "result":
+            failure = Failure.of(error, stage="publish", attempts=attempts)
             if is_too_large(error):
                 failure = Failure(
-                    reason="result_too_large",
-                    category="permanent",
-                    stage="publish",
-                    error_class=failure_from(error, stage="publish").error_class,
-                    message=one_line(error),
-                    attempts=attempts,
+                    "result_too_large", "permanent", "publish", failure.error_class, failure.message, attempts
                 )
-            else:
-                failure = failure_from(error, stage="publish", attempts=attempts)
-            log.warning("result not published (%s): dead-lettering the job", one_line(error), extra=fields)
-            letter = self.redirect(o, failure)
-            self.settle(letter, self._send(letter))
+            log.warning("result not published (%s): rejecting the job", one_line(error), extra=fields)
+            self.outbox.reject(o.record, failure, o.job_id)
         elif is_too_large(error) and (smaller := smaller_dead_letter(o)) is not None:
             dropped = smaller.headers[-1][0]  # rerank.original.value.dropped, then .headers.dropped
             log.warning("dead letter too large for %s: sending it again with %s", o.topic, dropped, extra=fields)
-            self.settle(smaller, self._send(smaller))
+            self.settle(smaller, self.send(smaller))
         else:
-            self.abort.set()
-            self.on_fatal(
+            self.fatal.fail(
                 f"cannot publish to the dead-letter topic {o.topic!r} after {attempts} tries: {one_line(error)}"
             )
 
@@ -180,4 +177,4 @@ class Publisher(threading.Thread):
             log.warning(
                 "dead-lettered: %s", message, extra=job_fields(o.record, o.job_id, reason=reason, topic_out=o.topic)
             )
-        self.on_done(o)
+        self.outbox.acknowledged(o)

@@ -5,7 +5,6 @@ when each batch is queued and waited for, and to say it queues without waiting, 
 from __future__ import annotations
 
 import dataclasses
-import queue
 import time
 from collections.abc import Sequence
 from types import SimpleNamespace
@@ -13,12 +12,12 @@ from typing import Any
 
 import pytest
 
-from worker.engine import EngineInfo, JobScores, RerankEngine, ScoreRequest
-from worker.engine.plan import PreparedJob
-from worker.kafka.metrics import WorkerMetrics
-from worker.kafka.records import Failure, Outgoing, SourceRecord, WorkItem
-from worker.kafka.scoring import FATAL_AFTER_FAILED_JOBS, Scorer
+from tests.pipeline.stages import Harness
+from worker.engine.api import EngineInfo, JobScores, PreparedJob, ScoreRequest
+from worker.engine.engine import RerankEngine
 from worker.messages import RerankJob
+from worker.pipeline.records import Outgoing, SourceRecord, WorkItem
+from worker.pipeline.score import FATAL_AFTER_FAILED_JOBS
 from worker.settings import Settings
 
 # one job per batch: each job below takes more than half of a batch's token budget (checked in `run_thread`)
@@ -60,39 +59,27 @@ class LoggedEngine:
                 raise RuntimeError("device lost")
             return self.inner.score_prepared(jobs)
 
-        return SimpleNamespace(result=result, fully_queued=self.fully_queued)
+        return SimpleNamespace(result=result, fully_queued=self.fully_queued, num_packs=1)
 
 
-def run_thread(engine: LoggedEngine, names: Sequence[str], until: Any) -> tuple[Scorer, list[Outgoing], list[Any]]:
+def run_thread(engine: LoggedEngine, names: Sequence[str], until: Any) -> tuple[Harness, list[Outgoing], list[Any]]:
     """Queue one job per name, run the GPU thread until `until(published, letters, fatal)` holds, stop it."""
-    published: list[Outgoing] = []
-    letters: list[tuple[WorkItem, Failure]] = []
-    fatal: list[str] = []
-    work: queue.Queue[WorkItem] = queue.Queue()
-    scorer = Scorer(
-        engine,
-        work,
-        publish=published.append,
-        dead_letter=lambda w, f: letters.append((w, f)),
-        settings=ONE_JOB_PER_BATCH,
-        metrics=WorkerMetrics(),
-        worker_id="w-1",
-        on_fatal=fatal.append,
-    )
+    h = Harness(engine, ONE_JOB_PER_BATCH)
     for offset, name in enumerate(names):
         job = RerankJob(job_id=name, query=name, documents=[f"document {i} " + "word " * 60 for i in range(30)])
-        item = WorkItem(SourceRecord("jobs", 0, offset, 0, 0, key=name.encode(), value=b"{}"), job)
-        item.prepare(engine)
-        assert 2 * item.tokens > scorer.budget_tokens  # so that every batch holds one job
-        work.put(item)
-    scorer.start()
+        record = SourceRecord("jobs", 0, offset, 0, 0, key=name.encode(), value=b"{}")
+        item = WorkItem(record, job, prepared=engine.prepare(job.to_score_request()))
+        assert 2 * item.tokens > h.batcher.budget_tokens  # so that every batch holds one job
+        h.work.put(item)
+    h.scorer.start()
     deadline = time.monotonic() + 120
-    while not until(published, letters, fatal) and time.monotonic() < deadline:
+    while not until(h.published, h.letters, h.fatal.message) and time.monotonic() < deadline:
         time.sleep(0.01)
-    scorer.stop_event.set()
-    scorer.join(timeout=60)
-    assert not scorer.is_alive()
-    return scorer, published, [w.job.job_id for w, _ in letters] + fatal
+    h.batcher.stopping.set()
+    h.scorer.join(timeout=60)
+    assert not h.scorer.is_alive()
+    fatal = [h.fatal.message] if h.fatal.message else []
+    return h, h.published, [job_id for job_id, _ in h.letters] + fatal
 
 
 def all_published(count: int) -> Any:
@@ -132,7 +119,7 @@ def test_after_a_fatal_error_the_batch_queued_behind_is_neither_scored_nor_dead_
 ) -> None:
     logged = LoggedEngine(engine, device="cuda:0", fail=True)
     names = ["a", "b", "c", "d", "e"]
-    scorer, published, outcome = run_thread(logged, names, lambda published, letters, fatal: bool(fatal))
+    h, published, outcome = run_thread(logged, names, lambda published, letters, fatal: bool(fatal))
     failed = names[:FATAL_AFTER_FAILED_JOBS]
     assert published == []
     assert outcome[:-1] == failed  # each failed alone and was dead-lettered, then the thread gave up once
@@ -140,5 +127,5 @@ def test_after_a_fatal_error_the_batch_queued_behind_is_neither_scored_nor_dead_
     queued_behind = names[FATAL_AFTER_FAILED_JOBS]
     assert ("submit", queued_behind) in logged.log  # it was on the device ...
     assert ("result", queued_behind) not in logged.log  # ... and never waited for, published or dead-lettered
-    left = [w.job.job_id for w in scorer.drain()]
+    left = [w.job.job_id for w in h.scorer.drain()]
     assert left == names[FATAL_AFTER_FAILED_JOBS:]  # not committed: the next owner of the partition scores them

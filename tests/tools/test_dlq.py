@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import orjson
 
-from worker.kafka.deadletter import dead_letter, header_map
-from worker.kafka.dlq import DeadLetter, DlqSummary, Requeued, RequeueReport, selector
-from worker.kafka.records import Failure, SourceRecord
+from worker.pipeline.deadletter import dead_letter, header_map
+from worker.pipeline.records import Failure, SourceRecord
+from worker.tools.dlq import DeadLetter, DlqSummary, Requeued, RequeueReport, selector
 
 T0 = 1_795_860_000_000
 
@@ -20,7 +20,7 @@ def letter_of(
     value: bytes | None = b"{not json",
     own_headers: tuple[tuple[str, bytes], ...] = (("trace-id", b"t1"),),
 ) -> DeadLetter:
-    """A dead letter exactly as the worker writes it (worker.kafka.deadletter), read back from the topic."""
+    """A dead letter exactly as the worker writes it (worker.pipeline.deadletter), read back from the topic."""
     record = SourceRecord("jobs", 2, 40 + offset, ts - 5, 0, key, value, own_headers)
     failure = Failure(reason, "permanent", "validate", "worker.engine.errors.InvalidJobError", f"bad {reason}")
     out = dead_letter(record, failure, topic="dlq", group_id="g", worker_id="w1", model="m", job_id=None)

@@ -1,24 +1,28 @@
 """Three kinds of failure, decided where the error is raised (never by matching messages later).
 
-- permanent: the message itself is bad; retrying cannot help. Dead-letter it now (`PermanentError`, and the
-  engine's `InvalidJobError`).
+- permanent: the message itself is bad; retrying cannot help. Reject it now (`PermanentError`, and the engine's
+  `InvalidJobError`).
 - transient: the world is briefly bad (broker unavailable, produce timeout, CUDA out of memory). Retry with
-  exponential backoff and jitter; after RERANK_MAX_ATTEMPTS dead-letter it with the attempt count.
-- fatal: the worker is misconfigured or broken (bad credentials, missing model or topic). Exit non-zero with one
-  clear log line; what was not committed is redelivered to the next worker.
+  exponential backoff and jitter; after RERANK_MAX_ATTEMPTS reject it with the attempt count.
+- fatal: the process is misconfigured or broken (bad credentials, missing model or topic, a device that fails every
+  job). Stop with one clear log line (`Fatal`, `FatalError`); what was not committed is redelivered.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
+import threading
 from typing import TYPE_CHECKING, Literal
 
 from kafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError, RecordListTooLargeError
 
-from worker.engine import InvalidJobError
+from worker.engine.api import InvalidJobError
 
 if TYPE_CHECKING:
     import tenacity
+
+log = logging.getLogger(__name__)
 
 Category = Literal["permanent", "transient"]
 
@@ -33,11 +37,35 @@ class PermanentError(Exception):
 
 
 class FatalError(Exception):
-    """The worker cannot run as configured: the message is the one line logged before exiting non-zero."""
+    """The process cannot go on as configured: the message is the one line logged before exiting non-zero."""
+
+
+class Fatal:
+    """The first fatal error of a run, set from any thread; every stage stops taking work once it is set."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self.message: str | None = None
+
+    def fail(self, message: str) -> None:
+        with self._lock:
+            if self.message is not None:
+                return
+            self.message = message
+        log.critical("%s", message)
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout_s: float) -> bool:
+        """Sleep up to `timeout_s`, cut short by a fatal error (a backoff's sleep)."""
+        return self._event.wait(timeout_s)
 
 
 def out_of_memory_types() -> tuple[type[BaseException], ...]:
-    """torch.cuda.OutOfMemoryError when torch is loaded; the loop never imports torch itself."""
+    """torch.cuda.OutOfMemoryError when torch is loaded; the pipeline never imports torch itself."""
     torch = sys.modules.get("torch")
     oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
     return (oom,) if isinstance(oom, type) else ()

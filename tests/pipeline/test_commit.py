@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.kafka.offsets import OffsetTracker
+from worker.pipeline.commit import OffsetTracker
 
 
 @st.composite

@@ -6,7 +6,7 @@ stop at the end offsets read at start, so a worker dead-lettering meanwhile cann
 
 Requeue re-publishes a dead letter's ORIGINAL key and value bytes, unchanged, with the job's own headers: those the
 worker added (`rerank.error.*`, `rerank.original.*`, `rerank.consumer.group`, `rerank.attempts`, `rerank.worker.id`,
-`rerank.model`; see worker.kafka.deadletter) are removed, and `rerank.requeued.from: <dlq topic>[partition]@offset`
+`rerank.model`; see worker.pipeline.deadletter) are removed, and `rerank.requeued.from: <dlq topic>[partition]@offset`
 is added (replacing an older one). The producer is the worker's (acks=all, idempotent); the command waits for
 every acknowledgement. The key is the original one, so the job lands on the partition it was first sent to when
 the partition count did not change. A dead letter whose value was dropped (`rerank.original.value.dropped`, too
@@ -24,12 +24,15 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from kafka import KafkaConsumer
 from kafka.structs import TopicPartition
 
-from worker.kafka.deadletter import _REPLACED, VALUE_DROPPED, header_map
-from worker.kafka.errors import FatalError, one_line
-from worker.kafka.replay import format_time
+from worker.kafka.config import consumer_kwargs
+from worker.kafka.topics import open_producer, require_topics
+from worker.pipeline.deadletter import REPLACED, VALUE_DROPPED, header_map
+from worker.pipeline.errors import FatalError, one_line
 from worker.settings import Settings
+from worker.tools.times import format_time
 
 POLL_TIMEOUT_MS = 200
 STALL_S = 30.0
@@ -93,7 +96,7 @@ class DeadLetter:
 
     def requeue_headers(self) -> list[tuple[str, bytes]]:
         """The job's own headers (the worker's dead-letter headers removed), plus where it was requeued from."""
-        kept = [(k, v) for k, v in self.headers if not k.startswith(_REPLACED) and k != REQUEUED_FROM]
+        kept = [(k, v) for k, v in self.headers if not k.startswith(REPLACED) and k != REQUEUED_FROM]
         return [*kept, (REQUEUED_FROM, self.where.encode())]
 
     def as_json(self) -> dict[str, Any]:
@@ -202,10 +205,6 @@ def read_dead_letters(
     settings: Settings, *, since_ms: int | None = None, client_id: str = "rerank-dlq"
 ) -> Iterator[DeadLetter]:
     """Every dead letter from the beginning (or `since_ms`) up to the end offsets read at start."""
-    from kafka import KafkaConsumer
-
-    from worker.kafka.config import consumer_kwargs
-
     topic, servers = settings.dlq_topic, settings.bootstrap_servers
     try:
         consumer = KafkaConsumer(**consumer_kwargs(settings, client_id=client_id, group_id=None))
@@ -339,8 +338,6 @@ def requeue(
 
 def _producer_for(settings: Settings, topic: str, stack: ExitStack) -> Any:
     """The worker's producer (acks=all, idempotent), once `topic` is known to exist; closed with `stack`."""
-    from worker.kafka.topics import open_producer, require_topics
-
     producer = open_producer(settings, client_id="rerank-dlq-requeue")
     stack.callback(producer.close, timeout=10)
     require_topics(producer, settings, [topic])

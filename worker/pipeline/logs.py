@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from worker.kafka.records import SourceRecord
+from worker.pipeline.records import SourceRecord
 
 # Attributes every LogRecord has; anything else was passed through `extra=` and goes into the JSON object.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}

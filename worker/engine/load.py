@@ -1,0 +1,162 @@
+"""Loading: a model name or directory in, a `RerankEngine` out, through the same `from_pretrained` path for a hub
+name (Qwen/Qwen3-Reranker-0.6B) and a local directory.
+
+Decides what runs where: the device (`auto`: CUDA when available), the dtype (`auto`: bfloat16 on CUDA, float32 on
+CPU), the attention kernel, and the forward: the packed Qwen3 one (`worker.engine.qwen3`) for Qwen3 configs, else
+the model's own decoder (`worker.engine.backend.TorchScorer`). This module and the two scorers are the engine's only
+users of torch and transformers, besides the kernels they call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from worker.engine.backend import AttentionBackend, TorchScorer
+from worker.engine.engine import RerankEngine
+from worker.engine.prompt import DEFAULT_INSTRUCTION
+from worker.engine.qwen3 import Qwen3PackedScorer, unsupported_reason
+from worker.engine.tokenize import PromptTokenizer
+
+
+def load_engine(
+    model: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    attention: str = "auto",
+    forward: str = "auto",
+    compile: str = "auto",
+    cuda_graphs: bool = True,
+    max_pack_tokens: int | None = None,
+    max_doc_tokens: int = 512,
+    max_query_tokens: int = 512,
+    default_instruction: str | None = None,
+    doc_cache_size: int = 0,
+) -> RerankEngine:
+    """Load tokenizer and model from a hub name or a local directory and put an engine over them.
+    `max_pack_tokens` None: 32768 on CUDA, 4096 on CPU. ValueError for settings that cannot work together."""
+    hf_tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer = PromptTokenizer(
+        hf_tokenizer.backend_tokenizer,
+        max_query_tokens=max_query_tokens,
+        max_doc_tokens=max_doc_tokens,
+        doc_cache_size=doc_cache_size,
+    )
+    scorer = load_scorer(
+        model,
+        device=device,
+        dtype=dtype,
+        attention=attention,
+        forward=forward,
+        compile=compile,
+        cuda_graphs=cuda_graphs,
+        yes_id=tokenizer.yes_id,
+        no_id=tokenizer.no_id,
+    )
+    if max_pack_tokens is None:
+        # A whole 400-document job in one pass on a GPU; on CPU the dense [L, L] mask grows with L squared.
+        max_pack_tokens = 32768 if scorer.device.type == "cuda" else 4096
+    return RerankEngine(
+        tokenizer,
+        scorer,
+        model_name=model,
+        max_pack_tokens=max_pack_tokens,
+        default_instruction=default_instruction or DEFAULT_INSTRUCTION,
+    )
+
+
+def load_scorer(
+    model_name_or_path: str,
+    *,
+    device: str,
+    dtype: str,
+    attention: str,
+    forward: str = "auto",
+    compile: str = "auto",
+    cuda_graphs: bool = True,
+    yes_id: int,
+    no_id: int,
+) -> TorchScorer | Qwen3PackedScorer:
+    """Load the model with `from_pretrained` and pick the forward: the packed Qwen3 one where it applies (Qwen3
+    configs; Triton pack attention, FlashAttention varlen, FlexAttention or SDPA), else the model's own decoder
+    (`forward="transformers"`, eager attention, other architectures)."""
+    if forward not in ("auto", "packed", "transformers"):
+        raise ValueError(f"unknown forward {forward!r}")
+    if compile not in ("auto", "on", "off"):
+        raise ValueError(f"unknown compile setting {compile!r}")
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    attn = resolve_attention(attention, torch_device, torch_dtype)
+    # the model's own attention serves only the transformers path, which has no varlen layout: Flex there
+    hf_attn: AttentionBackend = "flex_attention" if attn in ("flash_varlen", "triton") else attn
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        model_name_or_path, dtype=torch_dtype, attn_implementation=hf_attn
+    )
+    model.to(torch_device).eval().requires_grad_(False)
+    reason = unsupported_reason(model.config)
+    if attn == "eager":
+        reason = "eager attention"
+    if forward == "packed" and reason is not None:
+        raise ValueError(f"RERANK_FORWARD=packed cannot run this model: {reason}")
+    if forward == "transformers" or reason is not None:
+        return TorchScorer(model, yes_id=yes_id, no_id=no_id, attention=hf_attn)
+    if attn == "triton":
+        from worker.engine.kernels import pack_attention_unsupported
+
+        config = model.config
+        kernel_reason = pack_attention_unsupported(config.num_attention_heads, config.num_key_value_heads)
+        if kernel_reason is not None and attention != "auto":
+            raise ValueError(f"RERANK_ATTENTION=triton cannot run this model: {kernel_reason}")
+        if kernel_reason is not None:
+            attn = "flash_varlen"  # `auto` falls back to the kernel that takes any head grouping
+    # torch.compile on CUDA only: on CPU the forward is for tests and small loads, where compiling costs more
+    compiled = compile == "on" or (compile == "auto" and torch_device.type == "cuda")
+    return Qwen3PackedScorer(
+        model,
+        yes_id=yes_id,
+        no_id=no_id,
+        attention=attn,  # type: ignore[arg-type]
+        compile=compiled,
+        cuda_graphs=cuda_graphs,
+    )
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"RERANK_DEVICE={device} but CUDA is not available on this machine")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
+    return table[dtype]
+
+
+def resolve_attention(attention: str, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
+    """`auto`: on CUDA in bf16/fp16 the worker's Triton pack attention (one kernel per layer, no host-side lengths:
+    the forward is captured as CUDA graphs), on CUDA in fp32 FlexAttention, on CPU SDPA with a dense mask.
+    `flash_varlen` (FlashAttention per segment plus the head-merge kernel) stays selectable on CUDA in bf16/fp16."""
+    if attention == "auto":
+        if device.type != "cuda":
+            return "sdpa"
+        return "triton" if dtype in (torch.bfloat16, torch.float16) else "flex_attention"
+    if attention not in ("triton", "flash_varlen", "flex_attention", "sdpa", "eager"):
+        raise ValueError(f"unknown attention backend {attention!r}")
+    if attention in ("triton", "flash_varlen") and (device.type != "cuda" or dtype == torch.float32):
+        raise ValueError(f"{attention} attention needs CUDA and bfloat16 or float16")
+    return attention  # type: ignore[return-value]

@@ -1,0 +1,175 @@
+"""`rerank-worker run`: the pipeline with the worker's ends, in the main thread until SIGTERM or SIGINT.
+
+Opens, in order: the health server (`/healthz`, `/readyz`, `/metrics`), the producer (and checks that the jobs,
+results and dead-letter topics exist), the consumer in the workers' group; then runs a `Pipeline` of a
+`GroupSource` (subscribed to RERANK_JOBS_TOPIC) and a `WorkerSink` (results, dead letters). Signal handlers only set
+the pipeline's stop flag; a second Ctrl+C exits at once, and should closing hang (an unreachable coordinator), a
+watchdog exits shortly after RERANK_SHUTDOWN_TIMEOUT_S. Closing the consumer leaves the group.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from contextlib import ExitStack
+from types import FrameType
+from typing import Any
+
+from kafka import KafkaConsumer
+
+from worker.engine.api import Engine
+from worker.kafka.config import compression, consumer_kwargs
+from worker.kafka.topics import open_producer, require_topics
+from worker.pipeline.consume import GroupSource
+from worker.pipeline.errors import Fatal, FatalError, one_line
+from worker.pipeline.http import HealthServer
+from worker.pipeline.metrics import WorkerMetrics
+from worker.pipeline.parse import Parser
+from worker.pipeline.runner import EXIT_FATAL, Pipeline
+from worker.pipeline.sink import WorkerSink
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+STUCK_AFTER_S = 30.0  # /healthz fails when the loop has not turned for this long
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Worker:
+    def __init__(self, settings: Settings, engine: Engine, *, metrics: WorkerMetrics | None = None) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.worker_id = settings.worker_id or default_worker_id()
+        self.metrics = metrics or WorkerMetrics()
+        self.fatal_error = Fatal()
+        self.stopping = threading.Event()
+        self.started = threading.Event()  # set once partitions are assigned (tests wait on it)
+        self.pipeline: Pipeline | None = None
+        self.http_port: int | None = None
+
+    @property
+    def fatal(self) -> str | None:
+        return self.fatal_error.message
+
+    def stop(self) -> None:
+        """Ask for a clean shutdown (what SIGTERM does)."""
+        self.stopping.set()
+        if self.pipeline is not None:
+            self.pipeline.stop()
+
+    def run(self, *, install_signals: bool = False) -> int:
+        """Run until stopped; returns the exit code. Signal handlers need the main thread (the CLI)."""
+        previous = self._install_signals() if install_signals else {}
+        try:
+            with ExitStack() as stack:
+                try:
+                    self.pipeline = self.open(stack)
+                except FatalError as e:
+                    self.fatal_error.fail(str(e))
+                    return EXIT_FATAL
+                if self.stopping.is_set():
+                    self.pipeline.stop()
+                log.info(
+                    "worker started",
+                    extra={
+                        "worker_id": self.worker_id,
+                        "group_id": self.settings.group_id,
+                        "jobs_topic": self.settings.jobs_topic,
+                        "model": self.engine.info.model,
+                        "http_port": self.http_port,
+                    },
+                )
+                return self.pipeline.run()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def open(self, stack: ExitStack) -> Pipeline:
+        s = self.settings
+        server = HealthServer(s.http_host, s.http_port, alive=self.alive, ready=self.ready, metrics=self.metrics.render)
+        stack.callback(server.close)
+        self.http_port = server.start().port
+        try:
+            compression(s)
+        except ValueError as e:
+            raise FatalError(str(e)) from None
+        producer = open_producer(s, client_id=f"{self.worker_id}-producer")
+        stack.callback(self._close_producer, producer)
+        require_topics(producer, s, (s.jobs_topic, s.results_topic, s.dlq_topic))
+        try:
+            consumer = KafkaConsumer(**consumer_kwargs(s, client_id=f"{self.worker_id}-consumer", group_id=s.group_id))
+        except Exception as e:
+            raise FatalError(f"cannot start the Kafka consumer for {s.bootstrap_servers}: {one_line(e)}") from e
+        stack.callback(self._close_consumer, consumer)
+        return Pipeline(
+            s,
+            self.engine,
+            GroupSource(consumer, s.jobs_topic, self.fatal_error),
+            WorkerSink(s, worker_id=self.worker_id, model=self.engine.info.model),
+            producer,
+            parser=Parser(
+                max_message_bytes=s.max_message_bytes, max_docs=s.max_docs, reply_topics=s.reply_topic_pattern()
+            ),
+            metrics=self.metrics,
+            fatal=self.fatal_error,
+            started=self.started,
+        )
+
+    # -- health ---------------------------------------------------------------------------------------------------
+
+    def alive(self) -> bool:
+        if self.fatal_error.is_set():
+            return False
+        return self.pipeline is None or time.monotonic() - self.pipeline.last_turn < STUCK_AFTER_S
+
+    def ready(self) -> bool:
+        return self.pipeline is not None and self.pipeline.ready()
+
+    # -- signals and closing --------------------------------------------------------------------------------------
+
+    def _install_signals(self) -> dict[int, Any]:
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            if self.stopping.is_set() and signum == signal.SIGINT:
+                os._exit(130)  # a second Ctrl+C: out now
+            log.info("signal %s: shutting down", signal.Signals(signum).name)
+            self.stop()
+            self._arm_watchdog()
+
+        return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _arm_watchdog(self) -> None:
+        """Should closing hang (an unreachable coordinator), exit anyway shortly after the shutdown timeout."""
+
+        def expire() -> None:
+            timeout = self.settings.shutdown_timeout_s
+            log.error("shutdown took longer than RERANK_SHUTDOWN_TIMEOUT_S=%s; exiting", timeout)
+            logging.shutdown()
+            os._exit(1)
+
+        timer = threading.Timer(self.settings.shutdown_timeout_s + 2, expire)
+        timer.daemon = True
+        timer.start()
+
+    def _close_consumer(self, consumer: Any) -> None:
+        timeout_ms = int(min(5.0, self.settings.shutdown_timeout_s / 4) * 1000)
+        try:
+            consumer.close(autocommit=False, timeout_ms=timeout_ms)  # leaves the group
+        except Exception as e:
+            log.warning("closing the consumer failed: %s", one_line(e))
+
+    def _close_producer(self, producer: Any) -> None:
+        try:
+            producer.close(timeout=min(5.0, self.settings.shutdown_timeout_s / 4))
+        except Exception as e:
+            log.warning("closing the producer failed: %s", one_line(e))
+
+
+def run_worker(settings: Settings, engine: Engine, *, install_signals: bool = True) -> int:
+    return Worker(settings, engine).run(install_signals=install_signals)
