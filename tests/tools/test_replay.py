@@ -14,6 +14,7 @@ from worker.engine.api import ScoreRequest
 from worker.engine.engine import RerankEngine
 from worker.messages import RerankResult
 from worker.pipeline.deadletter import header_map
+from worker.pipeline.errors import FatalError
 from worker.settings import Settings
 from worker.tools.replay import PartitionRange, Replay, check_range, plan_ranges, replay_group_id
 
@@ -295,3 +296,47 @@ def test_a_job_failing_alone_is_skipped_and_its_batch_neighbours_are_published(e
     assert dict(summary.skipped) == {"scoring_error": 1}
     assert max(poisoned.batches) > 1  # jobs were batched together before the split
     assert consumer.commits[-1] == {TopicPartition("jobs", 0): 5}
+
+
+class OutOfMemory(ScoresAtResult):
+    """The engine, but every batch runs out of CUDA memory (and no smaller budget can hold a prompt)."""
+
+    def __init__(self, inner: RerankEngine) -> None:
+        self.inner = inner
+
+    @property
+    def info(self) -> Any:
+        return self.inner.info
+
+    def prepare(self, request: ScoreRequest) -> Any:
+        return self.inner.prepare(request)
+
+    def score_prepared(self, jobs: Any, *, batch_started: float | None = None) -> Any:
+        import torch
+
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    def with_max_pack_tokens(self, max_pack_tokens: int) -> None:
+        return None
+
+
+def test_a_transient_failure_that_outlives_its_tries_ends_the_replay(engine: RerankEngine) -> None:
+    """A replay does not skip what a retry might have answered: out of memory on every try ends it (FatalError),
+    and nothing of that batch is published or committed."""
+    consumer = FakeConsumer("jobs", {0: [job_record(0, i, 1000 + i, f"j{i}") for i in range(3)]})
+    producer = FakeProducer()
+    run = Replay(
+        Settings(jobs_topic="jobs", max_attempts=2, retry_initial_ms=1, retry_max_ms=2),
+        OutOfMemory(engine),
+        consumer,
+        producer,
+        from_ms=0,
+        replay_id="r",
+        group_id="g",
+        worker_id="w",
+        progress=False,
+    )
+    with pytest.raises(FatalError, match="out_of_memory on jobs\\[0\\]@0 after 2 tries"):
+        run.run()
+    assert producer.sent == []
+    assert consumer.commits == []

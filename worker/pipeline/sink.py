@@ -156,11 +156,13 @@ class ReplaySink:
         )
 
     def reject(self, record: SourceRecord, failure: Failure, job_id: str | None) -> None:
-        if failure.category == "transient":
+        if failure.category == "transient" and failure.stage == "publish":
             raise FatalError(
-                f"{failure.reason} at stage {failure.stage} after {failure.attempts} tries "
-                f"({record.where}): {failure.message}"
+                f"cannot publish replayed results to {self.reply_topic!r} after {failure.attempts} tries: "
+                f"{failure.message}"
             )
+        if failure.category == "transient":
+            raise FatalError(f"{failure.reason} on {record.where} after {failure.attempts} tries: {failure.message}")
         with self._lock:
             self._skipped[failure.reason] += 1
         log.warning("skipped: %s", failure.message, extra=job_fields(record, job_id, reason=failure.reason))
