@@ -187,6 +187,17 @@ class WorkerMetrics:
         self.revoked = Counter(
             r, "rerank_partitions_revoked_total", "Partitions taken away by rebalances (a storm shows here)."
         )
+        self.rejoins = Counter(
+            r,
+            "rerank_group_rejoins_total",
+            "Times this worker left and rejoined its group after finding itself outside the group's current "
+            "generation (see the log line for why).",
+        )
+        self.idle_with_lag = Gauge(
+            r,
+            "rerank_idle_with_lag",
+            "1 while this worker has held no partitions for longer than a rebalance and jobs wait in its group.",
+        )
         self.in_flight = Gauge(r, "rerank_in_flight_jobs", "Jobs polled and not yet acknowledged.")
         self.queued = Gauge(r, "rerank_queued_jobs", "Jobs waiting for the GPU thread.")
         self.paused = Gauge(r, "rerank_consumer_paused", "1 while the consumer pauses its partitions (GPU busy).")

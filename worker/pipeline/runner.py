@@ -223,6 +223,16 @@ class Pipeline:
                     "redelivered": left + len(given_up),
                 },
             )
+        elif not commit:
+            log.warning(
+                "partitions lost: this member's session expired or it left its group; their jobs not finished here "
+                "are redelivered to the next owner",
+                extra={
+                    "partitions": show(partitions),
+                    "given_up": len(given_up),
+                    "in_flight": self.tracker.in_flight(partitions),
+                },
+            )
         marks = {tp: self.tracker.watermark(tp) for tp in partitions}
         self.tracker.drop(partitions)
         self.metrics.revoked.inc(len(partitions))

@@ -23,8 +23,9 @@ from kafka import KafkaConsumer
 
 from worker.engine.api import Engine
 from worker.kafka.config import compression, consumer_kwargs
+from worker.kafka.groups import GroupAdmin
 from worker.kafka.topics import open_producer, require_topics
-from worker.pipeline.consume import GroupSource
+from worker.pipeline.consume import GroupSource, GroupWatch
 from worker.pipeline.errors import Fatal, FatalError, one_line
 from worker.pipeline.http import HealthServer
 from worker.pipeline.metrics import WorkerMetrics
@@ -108,10 +109,20 @@ class Worker:
         except Exception as e:
             raise FatalError(f"cannot start the Kafka consumer for {s.bootstrap_servers}: {one_line(e)}") from e
         stack.callback(self._close_consumer, consumer)
+        admin = GroupAdmin(s, s.group_id, client_id=f"{self.worker_id}-group-watch")
+        stack.callback(admin.close)
+        watch = GroupWatch(
+            consumer,
+            s.jobs_topic,
+            admin,
+            # long enough for a rebalance that needs nothing from a slow member, and for a session to lapse
+            settle_s=max(5.0, 3 * s.heartbeat_interval_ms / 1000),
+            idle_after_s=max(10.0, s.session_timeout_ms / 1000),
+        )
         return Pipeline(
             s,
             self.engine,
-            GroupSource(consumer, s.jobs_topic, self.fatal_error),
+            GroupSource(consumer, s.jobs_topic, self.fatal_error, watch=watch, metrics=self.metrics),
             WorkerSink(s, worker_id=self.worker_id, model=self.engine.info.model),
             producer,
             parser=Parser(
