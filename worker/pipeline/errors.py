@@ -13,14 +13,14 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable
+from typing import Literal
 
+import tenacity
 from kafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError, RecordListTooLargeError
 
 from worker.engine.api import InvalidJobError
-
-if TYPE_CHECKING:
-    import tenacity
+from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,27 @@ def is_transient(error: BaseException) -> bool:
     if isinstance(error, KafkaTimeoutError):
         return True
     return isinstance(error, KafkaError) and bool(getattr(error, "retriable", False))
+
+
+def transient_retries(
+    settings: Settings,
+    *,
+    sleep: Callable[[float], None],
+    before_sleep: Callable[[tenacity.RetryCallState], None],
+) -> tenacity.Retrying:
+    """The one retry policy of transient failures (scoring and publishing): up to RERANK_MAX_ATTEMPTS tries, with
+    exponential backoff and full jitter from RERANK_RETRY_INITIAL_MS up to RERANK_RETRY_MAX_MS; anything not
+    transient, and the last failure, raise as they are."""
+    return tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(settings.max_attempts),
+        wait=tenacity.wait_random_exponential(
+            multiplier=settings.retry_initial_ms / 1000, max=settings.retry_max_ms / 1000
+        ),
+        retry=tenacity.retry_if_exception(is_transient),
+        sleep=sleep,
+        before_sleep=before_sleep,
+        reraise=True,
+    )
 
 
 def retry_error(state: tenacity.RetryCallState) -> BaseException | None:

@@ -28,7 +28,7 @@ from typing import Any
 import tenacity
 
 from worker.pipeline.deadletter import smaller_dead_letter
-from worker.pipeline.errors import Fatal, PermanentError, is_too_large, is_transient, one_line, retry_error
+from worker.pipeline.errors import Fatal, PermanentError, is_too_large, one_line, retry_error, transient_retries
 from worker.pipeline.logs import job_fields
 from worker.pipeline.metrics import WorkerMetrics
 from worker.pipeline.records import Failure, Outgoing
@@ -115,16 +115,7 @@ class Publisher(threading.Thread):
         """Wait for `o`'s acknowledgement, trying again where that helps; then finish it or handle its failure."""
         futures = iter([future])
         attempts = 0
-        retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(self.settings.max_attempts),
-            wait=tenacity.wait_random_exponential(
-                multiplier=self.settings.retry_initial_ms / 1000, max=self.settings.retry_max_ms / 1000
-            ),
-            retry=tenacity.retry_if_exception(is_transient),
-            sleep=self._sleep,
-            before_sleep=self._count_retry,
-            reraise=True,
-        )
+        retrying = transient_retries(self.settings, sleep=self._sleep, before_sleep=self._count_retry)
         try:
             for attempt in retrying:
                 with attempt:

@@ -25,11 +25,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import tenacity
-
 from worker.engine.api import Engine, InvalidJobError, JobScores, PreparedJob, QueuedBatch
 from worker.pipeline.batch import Batcher
-from worker.pipeline.errors import Fatal, is_out_of_memory, is_transient, one_line
+from worker.pipeline.errors import Fatal, is_out_of_memory, is_transient, one_line, transient_retries
 from worker.pipeline.logs import job_fields
 from worker.pipeline.metrics import WorkerMetrics
 from worker.pipeline.records import Failure, WorkItem
@@ -184,16 +182,7 @@ class Scorer(threading.Thread):
         packs it took, and the scores."""
         engine = self.engine
         tokens = engine.info.max_pack_tokens
-        retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(self.settings.max_attempts),
-            wait=tenacity.wait_random_exponential(
-                multiplier=self.settings.retry_initial_ms / 1000, max=self.settings.retry_max_ms / 1000
-            ),
-            retry=tenacity.retry_if_exception(is_transient),
-            sleep=self._sleep,
-            before_sleep=self.metrics.count_retry,
-            reraise=True,
-        )
+        retrying = transient_retries(self.settings, sleep=self._sleep, before_sleep=self.metrics.count_retry)
         for attempt in retrying:
             with attempt:
                 try:
