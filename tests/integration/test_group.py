@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from kafka import KafkaConsumer
+from kafka.admin import KafkaAdminClient
 from kafka.structs import MemberState
 
 from tests.integration.conftest import SCRIPT, WorkerProcess, _free_port_pair, read_topic
@@ -165,48 +166,59 @@ class NoHandler:
         pass
 
 
-def slow_join_source(settings: Settings, *, watched: bool) -> tuple[GroupSource, KafkaConsumer, GroupAdmin]:
-    """The worker's group source over a consumer whose every poll lasts 1 ms, so no join fits in one poll."""
-    consumer = KafkaConsumer(**consumer_kwargs(settings, client_id="slow-join", group_id=settings.group_id))
+def group_source(settings: Settings) -> tuple[GroupSource, KafkaConsumer, GroupAdmin]:
+    """The worker's group source; its consumer refreshes metadata twice a second, so it sees new partitions soon."""
+    kwargs = {
+        **consumer_kwargs(settings, client_id="slow-join", group_id=settings.group_id),
+        "metadata_max_age_ms": 500,
+    }
+    consumer = KafkaConsumer(**kwargs)
     admin = GroupAdmin(settings, settings.group_id, client_id="slow-join-watch")
-    watch = GroupWatch(consumer, settings.jobs_topic, admin, settle_s=3.0, idle_after_s=10.0) if watched else None
+    watch = GroupWatch(consumer, settings.jobs_topic, admin, settle_s=3.0, idle_after_s=10.0)
     source = GroupSource(consumer, settings.jobs_topic, Fatal(), watch=watch)
     source.bind(NoHandler())
-    poll = consumer.poll
-    consumer.poll = lambda timeout_ms=0, **kwargs: poll(timeout_ms=1, **kwargs)  # type: ignore[method-assign]
     return source, consumer, admin
 
 
-def run_turns(source: GroupSource, seconds: float) -> float | None:
-    """Poll as the pipeline does (a turn of other work between polls) until the source owns all 4 partitions;
-    the seconds it took, or None."""
+def run_turns(source: GroupSource, partitions: int, seconds: float) -> float | None:
+    """Poll as the pipeline does (a turn of other work between polls) until the source owns `partitions`
+    partitions; the seconds it took, or None."""
     started = time.monotonic()
     while time.monotonic() - started < seconds:
         source.poll()
-        if len(source.ownership.owned) == 4:
+        if len(source.ownership.owned) == partitions:
             return time.monotonic() - started
         time.sleep(0.2)
     return None
 
 
 @pytest.mark.parametrize("watched", [False, True], ids=["without-the-watch", "with-the-watch"])
-def test_a_consumer_whose_joins_outlast_a_poll_is_brought_back_into_its_group(
+def test_a_consumer_whose_join_outlasts_a_poll_is_brought_back_into_its_group(
     make_settings: Callable[..., Settings], watched: bool
 ) -> None:
-    """kafka-python finishes a join only inside poll: a join that ends between two polls (the first join of a fresh
-    topic's group always needs a second one, once the topic's metadata arrives) leaves the consumer "rebalancing"
-    for good, heartbeats off, and the coordinator drops it. Without the watch that is what happens here; with it the
-    source rejoins and gets the partitions."""
+    """kafka-python finishes a join only inside poll, and a rejoin triggered by new metadata (here: partitions added
+    to the topic) stops asking for the join to be finished once the leader has computed the new assignment. A join
+    that outlasts one poll (here every poll lasts 1 ms: a slow broker or machine) is then never finished: the
+    consumer stays "rebalancing" with no partitions, heartbeats off, until the coordinator drops it. That is what
+    happens without the watch; with it the source rejoins and gets the partitions."""
     settings = make_settings()
-    source, consumer, admin = slow_join_source(settings, watched=watched)
+    source, consumer, admin = group_source(settings)
     try:
-        took = run_turns(source, 20.0 if watched else 12.0)
+        assert run_turns(source, 4, 60.0) is not None, f"never got its 4 partitions: {consumer.group_metadata()}"
+        rejoins_before = source.metrics.rejoins.value()
+        if not watched:
+            source.watch = None
+        poll = consumer.poll
+        consumer.poll = lambda timeout_ms=0, **kwargs: poll(timeout_ms=1, **kwargs)  # type: ignore[method-assign]
+        with KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers) as partitions_admin:
+            partitions_admin.create_partitions({settings.jobs_topic: 6})
+        took = run_turns(source, 6, 25.0 if watched else 15.0)
         if watched:
-            assert took is not None, f"never got its partitions: {consumer.group_metadata()}"
-            assert source.metrics.rejoins.value() >= 1
+            assert took is not None, f"never got its 6 partitions: {consumer.group_metadata()}"
+            assert source.metrics.rejoins.value() > rejoins_before
             assert consumer.group_metadata().state == MemberState.STABLE
         else:
-            assert took is None, "kafka-python completed the join: this test no longer shows what the watch is for"
+            assert took is None, "kafka-python finished the join: this test no longer shows what the watch is for"
             assert consumer.group_metadata().state != MemberState.STABLE
     finally:
         consumer.close(autocommit=False)
