@@ -122,3 +122,108 @@ def test_ranked_table() -> None:
     assert lines[2].endswith("...")
     assert lines[3].split() == ["2", "0.250000", "0", "alpha"]
     assert lines[4].split() == ["3", "-", "1"]
+
+
+MODEL_FREE = """
+import sys
+from worker import cli
+try:
+    cli.main(sys.argv[1:])
+    code = 0
+except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else 1
+loaded = sorted(m for m in ("torch", "transformers") if m in sys.modules)
+print("LOADED", ",".join(loaded), "CODE", code, file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "code"),
+    [
+        (["--help"], {}, 0),
+        (["enqueue", "--help"], {}, 0),
+        (["dlq", "list", "--help"], {}, 0),
+        (["dlq", "requeue", "--help"], {}, 0),
+        (["replay", "--help"], {}, 0),
+        (["schemas", "--out", "{tmp}"], {}, 0),
+        (["enqueue", "--query", "q", "--doc", "a"], {"RERANK_DEVICE": "gpu"}, 2),
+        (["score"], {"RERANK_MAX_DOC_TOKEN": "5"}, 2),
+    ],
+    ids=["help", "enqueue-help", "dlq-list-help", "dlq-requeue-help", "replay-help", "schemas", "bad-setting", "typo"],
+)
+def test_commands_that_need_no_model_import_no_torch(
+    args: list[str], env: dict[str, str], code: int, tmp_path: Path
+) -> None:
+    """`--help`, `schemas` and settings errors answer without loading torch or transformers (seconds of imports)."""
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("RERANK_", "KAFKA_"))}
+    done = subprocess.run(
+        [sys.executable, "-c", MODEL_FREE, *argv], capture_output=True, env={**clean, **env}, timeout=120, text=True
+    )
+    assert f"LOADED  CODE {code}" in done.stderr, done.stderr[-2000:]
+    if code == 2:
+        lines = [line for line in done.stderr.splitlines() if not line.startswith("LOADED")]
+        assert len(lines) == 1, lines
+        assert lines[0].startswith("rerank-worker: invalid settings: RERANK_")
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"RERANK_DEVICE": "gpu"}, "RERANK_DEVICE='gpu': expected auto, cpu, cuda or cuda:N"),
+        ({"RERANK_MAX_PACK_TOKENS": "abc"}, "RERANK_MAX_PACK_TOKENS='abc': expected an integer >= 1"),
+        ({"RERANK_DTYPE": "fp8"}, "RERANK_DTYPE='fp8': expected one of auto, float32, bfloat16, float16"),
+        ({"RERANK_HTTP_PORT": "99999"}, "RERANK_HTTP_PORT='99999': expected an integer from 0 to 65535"),
+        ({"RERANK_CUDA_GRAPHS": "maybe"}, "RERANK_CUDA_GRAPHS='maybe': expected true or false"),
+        ({"RERANK_MAX_DOC_TOKEN": "5"}, "RERANK_MAX_DOC_TOKEN is not a setting (did you mean RERANK_MAX_DOC_TOKENS?)"),
+        ({"RERANK_JOBS_TOPIC": "a b"}, "RERANK_JOBS_TOPIC='a b': expected a topic name"),
+    ],
+)
+def test_a_settings_error_names_the_variable_the_value_and_what_is_allowed(
+    env: dict[str, str], expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pydantic import ValidationError
+
+    from worker.settings import Settings, describe_settings_error
+
+    for key in list(os.environ):
+        if key.startswith(("RERANK_", "KAFKA_")):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValidationError) as e:
+        Settings()
+    assert expected in describe_settings_error(e.value)
+
+
+def test_a_secret_in_a_settings_error_is_not_printed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from worker.settings import Settings, describe_settings_error
+
+    for key in list(os.environ):
+        if key.startswith(("RERANK_", "KAFKA_")):
+            monkeypatch.delenv(key)
+    with pytest.raises(ValidationError) as e:
+        Settings(sasl_password=12345)  # type: ignore[arg-type]  # not a string: refused, and never echoed
+    assert "12345" not in describe_settings_error(e.value)
+    assert "KAFKA_SASL_PASSWORD='***'" in describe_settings_error(e.value)
+
+
+def test_a_local_model_path_that_does_not_exist_says_so(tmp_path: Path) -> None:
+    job = orjson.dumps({"job_id": "x", "query": "q", "documents": ["a"]})
+    done = run_cli(["score", "--model", str(tmp_path / "missing"), "--device", "cpu"], job)
+    assert done.returncode == 3
+    assert f"model directory {tmp_path / 'missing'} does not exist" in done.stderr.decode()
+    (tmp_path / "empty").mkdir()
+    done = run_cli(["score", "--model", str(tmp_path / "empty"), "--device", "cpu"], job)
+    assert done.returncode == 3
+    assert "is a directory without config.json" in done.stderr.decode()
+
+
+def test_a_pack_budget_too_small_is_refused_before_the_weights_load(tiny_model_dir: Path) -> None:
+    job = orjson.dumps({"job_id": "x", "query": "q", "documents": ["a"]})
+    done = run_cli(["score", "--model", str(tiny_model_dir), "--device", "cpu"], job, {"RERANK_MAX_PACK_TOKENS": "10"})
+    assert done.returncode == 2
+    assert "RERANK_MAX_PACK_TOKENS=10 cannot hold one longest prompt" in done.stderr.decode()
+    assert b"Loading weights" not in done.stderr

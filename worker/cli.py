@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import orjson
 from pydantic import ValidationError
 
-from worker.engine.api import InvalidJobError
-from worker.settings import Settings
+from worker.engine.errors import InvalidJobError
+from worker.settings import Settings, describe_settings_error
 
 if TYPE_CHECKING:
     from worker.engine.engine import RerankEngine
@@ -41,9 +41,7 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as e:
-        from worker.messages import describe_validation_error
-
-        fail(EXIT_USAGE, f"invalid settings: {describe_validation_error(e)}")
+        fail(EXIT_USAGE, f"invalid settings: {describe_settings_error(e)}")
 
 
 def build_engine(settings: Settings) -> RerankEngine:

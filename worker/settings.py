@@ -7,19 +7,27 @@ so a typo such as RERANK_MAX_DOC_TOKEN fails loudly instead of silently running 
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import typing
 import warnings
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "RERANK_"
 
 PositiveInt = Annotated[int, Field(ge=1)]
 # Kafka topic names: the broker's own rule (legal characters, at most 249 of them).
-TopicName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9._-]{1,249}$")]
+TopicName = Annotated[
+    str,
+    Field(
+        pattern=r"^[a-zA-Z0-9._-]{1,249}$",
+        json_schema_extra={"allowed": "a topic name: 1 to 249 letters, digits, '.', '_' or '-'"},
+    ),
+]
 MIB = 1024 * 1024
 # Old names still read, for one release, with a FutureWarning: old -> new.
 DEPRECATED_NAMES = {"RERANK_MAX_BATCH_TOKENS": "RERANK_MAX_PACK_TOKENS"}
@@ -34,7 +42,9 @@ class Settings(BaseSettings):
         description="Model to load with `from_pretrained`: a hub name or a local directory.",
     )
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = Field(
-        "auto", description="`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."
+        "auto",
+        description="`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`.",
+        json_schema_extra={"allowed": "auto, cpu, cuda or cuda:N"},
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
@@ -243,7 +253,7 @@ class Settings(BaseSettings):
         present = {k.upper() for k in os.environ}
         unknown = sorted(k for k in present if k.startswith(ENV_PREFIX) and k not in known | set(DEPRECATED_NAMES))
         if unknown:
-            raise ValueError(f"unknown settings in the environment: {', '.join(unknown)} (known: {sorted(known)})")
+            raise ValueError("; ".join(unknown_setting(name, known) for name in unknown))
         for old, new in DEPRECATED_NAMES.items():
             if old in present:
                 used = "ignored, since it is set too" if new in present else "read for now"
@@ -263,6 +273,71 @@ def env_name(field_name: str) -> str:
         first = alias.choices[0]
         return first if isinstance(first, str) else ENV_PREFIX + field_name.upper()
     return alias if isinstance(alias, str) else ENV_PREFIX + field_name.upper()
+
+
+def unknown_setting(name: str, known: set[str]) -> str:
+    """`RERANK_MAX_DOC_TOKEN is not a setting (did you mean RERANK_MAX_DOC_TOKENS?)`."""
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+    hint = f"did you mean {close[0]}?" if close else "the README's settings table lists them"
+    return f"{name} is not a setting ({hint})"
+
+
+def allowed_values(field_name: str) -> str | None:
+    """What a setting accepts, in words, from its type (None where pydantic's own message says it best)."""
+    field = Settings.model_fields[field_name]
+    annotation: Any = field.annotation
+    types = [a for a in typing.get_args(annotation) if a is not type(None)] if typing.get_origin(annotation) else []
+    types = [annotation, *types]
+    metadata = list(field.metadata)
+    for t in list(types):  # Annotated[int, Field(ge=1)] inside an Optional keeps its constraints in its own metadata
+        if hasattr(t, "__metadata__"):
+            types.append(typing.get_args(t)[0])
+            for meta in t.__metadata__:
+                metadata += getattr(meta, "metadata", [meta])
+    for extra in [field.json_schema_extra, *(getattr(m, "json_schema_extra", None) for m in metadata)]:
+        if isinstance(extra, dict) and isinstance(extra.get("allowed"), str):
+            return str(extra["allowed"])
+    literal = next((t for t in types if typing.get_origin(t) is Literal), None)
+    if literal is not None:
+        return "one of " + ", ".join(str(v) for v in typing.get_args(literal))
+    kinds = {bool: "true or false", int: "an integer", float: "a number"}
+    kind = next((kinds[t] for t in types if t in kinds), None)
+    low = next((getattr(m, a) for m in metadata for a in ("ge", "gt") if getattr(m, a, None) is not None), None)
+    strict = any(getattr(m, "gt", None) is not None for m in metadata)
+    high = next((m.le for m in metadata if getattr(m, "le", None) is not None), None)
+    if kind is None:
+        return None
+    if low is not None and high is not None:
+        return f"{kind} from {low} to {high}"
+    if low is not None:
+        return f"{kind} {'>' if strict else '>='} {low}"
+    return kind
+
+
+def describe_settings_error(error: ValidationError) -> str:
+    """One line per broken setting, naming the environment variable, the value given (secrets hidden) and what is
+    allowed: `RERANK_DEVICE='gpu': expected auto, cpu, cuda or cuda:N`."""
+    parts = []
+    fields = Settings.model_fields
+    by_alias = {env_name(n).lower(): n for n in fields} | {
+        a.lower(): n
+        for n, f in fields.items()
+        if isinstance(f.validation_alias, AliasChoices)
+        for a in f.validation_alias.choices
+        if isinstance(a, str)
+    }
+    for e in error.errors(include_url=False):
+        loc = str(e["loc"][0]).lower() if e["loc"] else ""
+        name = loc if loc in fields else by_alias.get(loc)
+        message = str(e["msg"]).removeprefix("Value error, ")
+        if name is None:
+            parts.append(message)
+            continue
+        secret = fields[name].annotation in (SecretStr, SecretStr | None)
+        given = "'***'" if secret else repr(e.get("input"))
+        allowed = allowed_values(name)
+        parts.append(f"{env_name(name)}={given}: " + (f"expected {allowed}" if allowed else message))
+    return "; ".join(parts)
 
 
 def default_text(default: object) -> str:

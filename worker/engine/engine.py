@@ -32,6 +32,19 @@ from worker.engine.prompt import DEFAULT_INSTRUCTION, query_head
 from worker.engine.tokenize import PromptTokenizer
 
 
+def check_budget(tok: PromptTokenizer, max_pack_tokens: int) -> None:
+    """ValueError when one pack of `max_pack_tokens` cannot hold one longest prompt."""
+    empty_head = len(tok.prefix_ids) + tok.count_plain_tokens(query_head("", ""))
+    # instruction and query are each at most max_query_tokens; a few tokens of slack for merges at the seams
+    worst = empty_head + 2 * tok.max_query_tokens + 8 + tok.max_doc_tokens + len(tok.suffix_ids)
+    if max_pack_tokens < worst:
+        raise ValueError(
+            f"RERANK_MAX_PACK_TOKENS={max_pack_tokens} cannot hold one longest prompt: it must be at least {worst} "
+            f"(RERANK_MAX_QUERY_TOKENS={tok.max_query_tokens} for the query and for the instruction, "
+            f"RERANK_MAX_DOC_TOKENS={tok.max_doc_tokens}, {empty_head + len(tok.suffix_ids)} template tokens)"
+        )
+
+
 @dataclass(frozen=True)
 class ScoringBatch:
     """A planned batch whose first pack is queued on the device (`RerankEngine.submit`); `result()` queues the
@@ -86,17 +99,7 @@ class RerankEngine:
         self._check_budget()
 
     def _check_budget(self) -> None:
-        tok = self.tokenizer
-        empty_head = len(tok.prefix_ids) + tok.count_plain_tokens(query_head("", ""))
-        # instruction and query are each at most max_query_tokens; a few tokens of slack for merges at the seams
-        worst = empty_head + 2 * tok.max_query_tokens + 8 + tok.max_doc_tokens + len(tok.suffix_ids)
-        if self.max_pack_tokens < worst:
-            raise ValueError(
-                f"RERANK_MAX_PACK_TOKENS={self.max_pack_tokens} cannot hold one longest prompt: it must be at "
-                f"least {worst} (RERANK_MAX_QUERY_TOKENS={tok.max_query_tokens} for the query and for the "
-                f"instruction, RERANK_MAX_DOC_TOKENS={tok.max_doc_tokens}, {empty_head + len(tok.suffix_ids)} "
-                "template tokens)"
-            )
+        check_budget(self.tokenizer, self.max_pack_tokens)
 
     def with_max_pack_tokens(self, max_pack_tokens: int) -> RerankEngine | None:
         """The same model and tokenizer under another pack budget, or None when it cannot hold one prompt."""

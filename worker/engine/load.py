@@ -9,13 +9,14 @@ users of torch and transformers, besides the kernels they call.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from worker.engine.backend import AttentionBackend, TorchScorer
-from worker.engine.engine import RerankEngine
+from worker.engine.engine import RerankEngine, check_budget
 from worker.engine.prompt import DEFAULT_INSTRUCTION
 from worker.engine.qwen3 import Qwen3PackedScorer, unsupported_reason
 from worker.engine.tokenize import PromptTokenizer
@@ -37,7 +38,10 @@ def load_engine(
     doc_cache_size: int = 0,
 ) -> RerankEngine:
     """Load tokenizer and model from a hub name or a local directory and put an engine over them.
-    `max_pack_tokens` None: 32768 on CUDA, 4096 on CPU. ValueError for settings that cannot work together."""
+    `max_pack_tokens` None: 32768 on CUDA, 4096 on CPU. ValueError for settings that cannot work together, OSError
+    for a model that cannot be found; both before the weights load."""
+    if problem := missing_model_directory(model):
+        raise OSError(problem)
     hf_tokenizer = AutoTokenizer.from_pretrained(model)
     tokenizer = PromptTokenizer(
         hf_tokenizer.backend_tokenizer,
@@ -45,6 +49,10 @@ def load_engine(
         max_doc_tokens=max_doc_tokens,
         doc_cache_size=doc_cache_size,
     )
+    if max_pack_tokens is None:
+        # A whole 400-document job in one pass on a GPU; on CPU the dense [L, L] mask grows with L squared.
+        max_pack_tokens = 32768 if resolve_device(device).type == "cuda" else 4096
+    check_budget(tokenizer, max_pack_tokens)
     scorer = load_scorer(
         model,
         device=device,
@@ -56,9 +64,6 @@ def load_engine(
         yes_id=tokenizer.yes_id,
         no_id=tokenizer.no_id,
     )
-    if max_pack_tokens is None:
-        # A whole 400-document job in one pass on a GPU; on CPU the dense [L, L] mask grows with L squared.
-        max_pack_tokens = 32768 if scorer.device.type == "cuda" else 4096
     return RerankEngine(
         tokenizer,
         scorer,
@@ -66,6 +71,17 @@ def load_engine(
         max_pack_tokens=max_pack_tokens,
         default_instruction=default_instruction or DEFAULT_INSTRUCTION,
     )
+
+
+def missing_model_directory(model: str) -> str | None:
+    """Why `model`, written as a local path, is no model directory (None for a hub name or a model directory).
+    A hub name is `name` or `org/name`; anything starting with `.`, `/` or `~`, or with more slashes, is a path."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return None if (path / "config.json").is_file() else f"{model} is a directory without config.json"
+    if model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model:
+        return f"model directory {model} does not exist"
+    return None
 
 
 def load_scorer(
