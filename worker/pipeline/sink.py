@@ -75,6 +75,21 @@ def source_headers(record: SourceRecord, job_id: str, *, worker_id: str, model: 
     ]
 
 
+def result_message(item: WorkItem, topic: str, value: bytes, headers: Headers) -> Outgoing:
+    """A job's result as the message to publish: keyed by its job_id."""
+    job = item.job
+    return Outgoing(
+        kind="result",
+        record=item.record,
+        topic=topic,
+        key=job.job_id.encode(),
+        value=value,
+        headers=headers,
+        job_id=job.job_id,
+        documents=len(job.documents),
+    )
+
+
 class WorkerSink:
     def __init__(self, settings: Settings, *, worker_id: str, model: str) -> None:
         self.settings = settings
@@ -86,16 +101,8 @@ class WorkerSink:
         value = encode_result(
             lambda: RerankResult.from_scores(job, scored, engine), max_message_bytes=self.settings.max_message_bytes
         )
-        return Outgoing(
-            kind="result",
-            record=item.record,
-            topic=job.reply_topic or self.settings.results_topic,
-            key=job.job_id.encode(),
-            value=value,
-            headers=source_headers(item.record, job.job_id, worker_id=self.worker_id, model=engine.model),
-            job_id=job.job_id,
-            documents=len(job.documents),
-        )
+        headers = source_headers(item.record, job.job_id, worker_id=self.worker_id, model=engine.model)
+        return result_message(item, job.reply_topic or self.settings.results_topic, value, headers)
 
     def reject(self, record: SourceRecord, failure: Failure, job_id: str | None) -> Outgoing:
         log.debug("dead-lettering: %s", failure.message, extra=job_fields(record, job_id, reason=failure.reason))
@@ -144,16 +151,7 @@ class ReplaySink:
             ("rerank.source.timestamp", str(record.timestamp).encode()),
             *source_headers(record, job.job_id, worker_id=self.worker_id, model=engine.model),
         ]
-        return Outgoing(
-            kind="result",
-            record=record,
-            topic=self.reply_topic,
-            key=job.job_id.encode(),
-            value=value,
-            headers=headers,
-            job_id=job.job_id,
-            documents=len(job.documents),
-        )
+        return result_message(item, self.reply_topic, value, headers)
 
     def reject(self, record: SourceRecord, failure: Failure, job_id: str | None) -> None:
         if failure.category == "transient" and failure.stage == "publish":
