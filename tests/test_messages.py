@@ -39,7 +39,6 @@ def job_bytes(**fields: object) -> bytes:
         (b"{not json", "not_json"),
         (b"[1, 2]", "schema_violation"),
         (job_bytes(query="   "), "blank_query"),
-        (job_bytes(documents=[]), "schema_violation"),
         (job_bytes(documents=[1]), "schema_violation"),
         (job_bytes(top_k=3), "schema_violation"),
         (job_bytes(schema_version=2), "unknown_schema_version"),

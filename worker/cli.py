@@ -94,15 +94,16 @@ def cmd_schemas(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     from worker.pipeline.logs import configure_logging
-    from worker.pipeline.worker import default_worker_id, run_worker
+    from worker.pipeline.worker import Worker, default_worker_id
 
     settings = load_settings(model=args.model, device=args.device)
     configure_logging(settings.log_level, settings.worker_id or default_worker_id())
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # stderr carries JSON lines only
-    engine = warm(build_engine(settings))
-    raise SystemExit(run_worker(settings, engine))
+    # The model loads once the cluster has answered: a misconfigured or unreachable Kafka costs no load.
+    worker = Worker(settings, load=lambda: warm(build_engine(settings)))
+    raise SystemExit(worker.run(install_signals=True))
 
 
 def warm(engine: RerankEngine) -> RerankEngine:

@@ -7,7 +7,9 @@
 Waiting reads the results topic (or the job's `reply_topic`) and the dead-letter topic from their ends, without a
 consumer group: the client starts reading a topic before it sends the first job answered there, so no result is
 missed, and a job that was dead-lettered is reported at once instead of timing out. Results are recognised by
-their key (the job_id); a duplicate (at-least-once) is the same job's result again and is ignored.
+their key (the job_id); a duplicate (at-least-once) is the same job's result again and is ignored. A `reply_topic`
+that does not exist is not read (the worker dead-letters its jobs as `unknown_reply_topic`, and the client reports
+that dead letter).
 Jobs and results up to RERANK_MAX_MESSAGE_BYTES work (the clients are sized from the same setting, gzip on).
 """
 
@@ -27,6 +29,7 @@ from kafka.structs import TopicPartition
 from pydantic import ValidationError
 
 from worker.kafka.config import consumer_kwargs, producer_kwargs
+from worker.kafka.topics import TopicCatalog
 from worker.messages import RerankJob, RerankResult
 from worker.pipeline.deadletter import header_map
 from worker.settings import Settings
@@ -55,6 +58,7 @@ class RerankClient:
         self._readers: dict[str, Any] = {}  # topic -> KafkaConsumer assigned to all its partitions
         self.outcomes: dict[str, Outcome] = {}  # answers read but not yet handed out by `wait`
         self._waiting: set[str] = set()  # job ids to keep answers for: other clients' answers are not kept
+        self._catalog = TopicCatalog(self.settings, client_id=f"{self.client_id}-topics")
 
     def __enter__(self) -> RerankClient:
         return self
@@ -66,6 +70,7 @@ class RerankClient:
         for reader in self._readers.values():
             reader.close(autocommit=False)
         self._readers.clear()
+        self._catalog.close()
         self.producer.close(timeout=10)
 
     # -- submit ---------------------------------------------------------------------------------------------------
@@ -108,7 +113,10 @@ class RerankClient:
         """Start reading `topic` from its current end (before sending jobs whose results land there)."""
         if topic in self._readers:
             return
-        partitions = self.producer.partitions_for(topic)  # waits for metadata (creates the topic if the broker does)
+        if self._catalog.exists(topic) is False:  # the producer would wait its max_block_ms for its metadata
+            log.warning("not reading %s: the topic does not exist (its jobs will be dead-lettered)", topic)
+            return
+        partitions = self.producer.partitions_for(topic)
         reader = KafkaConsumer(**consumer_kwargs(self.settings, client_id=f"{self.client_id}-reader", group_id=None))
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         reader.assign(tps)

@@ -68,9 +68,8 @@ class RerankJob(_Wire):
     job_id: str = Field(min_length=1, max_length=512, description="Caller's identifier; the result's key.")
     query: str = Field(description="The search query. Must not be blank.")
     documents: list[str | Document | None] = Field(
-        min_length=1,
         description="Texts or `{id, text}` objects, at most RERANK_MAX_DOCS. Null or blank entries are kept in "
-        "place and get `relevance_score: null`.",
+        "place and get `relevance_score: null`. An empty list gets a result with no `results`, not a dead letter.",
     )
     instruction: str | None = Field(
         None, description="Task instruction; default RERANK_INSTRUCTION, else the official Qwen3-Reranker one."
@@ -84,7 +83,8 @@ class RerankJob(_Wire):
     reply_topic: Annotated[str, Field(pattern=r"^[a-zA-Z0-9._-]{1,249}$")] | None = Field(
         None,
         description="Topic for this job's result instead of RERANK_RESULTS_TOPIC; honoured only when it matches "
-        "RERANK_REPLY_TOPIC_ALLOWLIST, else the job is dead-lettered as `disallowed_reply_topic`.",
+        "RERANK_REPLY_TOPIC_ALLOWLIST, else the job is dead-lettered as `disallowed_reply_topic`; a topic that does "
+        "not exist is dead-lettered as `unknown_reply_topic`.",
     )
 
     @field_validator("query")

@@ -145,7 +145,9 @@ class Settings(BaseSettings):
     reply_topic_allowlist: str | None = Field(
         None,
         description="Regular expression (whole-name match) of the `reply_topic` values jobs may name; a job naming "
-        "another topic is dead-lettered as `disallowed_reply_topic`. Empty: only RERANK_RESULTS_TOPIC.",
+        "another topic is dead-lettered as `disallowed_reply_topic`, one naming an allowed topic that does not "
+        "exist as `unknown_reply_topic` (the worker never creates reply topics; it asks the cluster with a 5 s bound "
+        "and remembers the answer: found for 5 minutes, missing for 10 s). Empty: only RERANK_RESULTS_TOPIC.",
     )
     max_message_bytes: PositiveInt = Field(
         16 * MIB,
@@ -210,6 +212,13 @@ class Settings(BaseSettings):
         30.0,
         description="On SIGTERM or SIGINT: the worker stops fetching, finishes and publishes the batch in hand, "
         "commits, leaves the group and exits 0 within this many seconds. A second SIGINT exits at once.",
+    )
+    kafka_startup_timeout_s: Annotated[float, Field(ge=0)] = Field(
+        300.0,
+        description="At start, how long the worker waits for a Kafka cluster that does not answer, before the model "
+        "loads and again when it opens its clients (tried again with backoff up to 15 s, one log line per try; "
+        "`/healthz` alive, `/readyz` not ready). Then it exits 4. A refusal that waiting cannot change (wrong "
+        "password, failed TLS handshake, a topic that does not exist) exits 4 at once.",
     )
     http_host: str = Field("0.0.0.0", description="Address of the health and metrics server.")
     http_port: Annotated[int, Field(ge=0, le=65535)] = Field(

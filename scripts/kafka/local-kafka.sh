@@ -46,6 +46,11 @@ KAFKA_START_TIMEOUT="${KAFKA_START_TIMEOUT:-90}"
 KAFKA_STOP_TIMEOUT="${KAFKA_STOP_TIMEOUT:-30}"
 KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms128m -Xmx512m}"
 KAFKA_JVM_OPTS="${KAFKA_JVM_OPTS:-}"
+KAFKA_AUTO_CREATE_TOPICS="${KAFKA_AUTO_CREATE_TOPICS:-true}"
+if [[ "$KAFKA_AUTO_CREATE_TOPICS" != true && "$KAFKA_AUTO_CREATE_TOPICS" != false ]]; then
+  printf 'local-kafka: error: KAFKA_AUTO_CREATE_TOPICS must be true or false, got %s\n' "'$KAFKA_AUTO_CREATE_TOPICS'" >&2
+  exit 2
+fi
 MVN="${MVN:-mvn}"
 if [[ -n "${JAVA_HOME:-}" && -x "$JAVA_HOME/bin/java" ]]; then
   JAVA="${JAVA:-$JAVA_HOME/bin/java}"
@@ -89,6 +94,7 @@ Environment (current value):
   KAFKA_STOP_TIMEOUT     seconds between SIGTERM and SIGKILL ($KAFKA_STOP_TIMEOUT)
   KAFKA_HEAP_OPTS        broker heap ($KAFKA_HEAP_OPTS)
   KAFKA_JVM_OPTS         extra broker JVM options (${KAFKA_JVM_OPTS:-none})
+  KAFKA_AUTO_CREATE_TOPICS  auto.create.topics.enable: true or false ($KAFKA_AUTO_CREATE_TOPICS)
   JAVA_HOME / JAVA       Java 17+ to run it ($JAVA)
   MVN                    Maven used by 'fetch' ($MVN)
 EOF
@@ -286,7 +292,7 @@ min.insync.replicas=1
 group.initial.rebalance.delay.ms=0
 
 num.partitions=4
-auto.create.topics.enable=true
+auto.create.topics.enable=$KAFKA_AUTO_CREATE_TOPICS
 delete.topic.enable=true
 
 # Messages up to 16 MiB.

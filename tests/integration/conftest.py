@@ -78,6 +78,7 @@ def kafka_bootstrap() -> Iterator[str]:
                 "KAFKA_MESSAGE_MAX_BYTES": "16777216",
                 "KAFKA_REPLICA_FETCH_MAX_BYTES": "16777216",
                 "KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS": "0",
+                "KAFKA_AUTO_CREATE_TOPICS_ENABLE": "false",
             }.items():
                 container = container.with_env(key, value)
             container.start()
@@ -92,7 +93,13 @@ def kafka_bootstrap() -> Iterator[str]:
     else:
         errors.append("testcontainers: no Docker engine answers")
     port = _free_port_pair()
-    env = {**os.environ, "KAFKA_PORT": str(port), "KAFKA_CONTROLLER_PORT": str(port + 1)}
+    # Auto-create off, as on most production clusters: nothing may depend on a topic appearing when first named.
+    env = {
+        **os.environ,
+        "KAFKA_PORT": str(port),
+        "KAFKA_CONTROLLER_PORT": str(port + 1),
+        "KAFKA_AUTO_CREATE_TOPICS": "false",
+    }
     start = subprocess.run([str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=600)
     if start.returncode != 0:
         errors.append(f"{SCRIPT.name} start exited {start.returncode}:\n{start.stderr[-3000:]}")
@@ -103,6 +110,53 @@ def kafka_bootstrap() -> Iterator[str]:
         yield line.split("=", 1)[1]
     finally:
         subprocess.run([str(SCRIPT), "stop"], env=env, capture_output=True, text=True, timeout=120)
+
+
+class LocalBroker:
+    """A broker of one test's own (scripts/kafka/local-kafka.sh, auto-create off), started and stopped at will; its
+    data is kept across restarts."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = _free_port_pair()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "KAFKA_PORT": str(self.port),
+            "KAFKA_CONTROLLER_PORT": str(self.port + 1),
+            "KAFKA_RUN_DIR": str(directory / "broker"),
+            "KAFKA_DATA_DIR": str(directory / "broker-data"),
+            "KAFKA_AUTO_CREATE_TOPICS": "false",
+        }
+
+    def script(self, command: str) -> None:
+        done = subprocess.run([str(SCRIPT), command], env=self.env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"local-kafka.sh {command}: {done.stderr[-3000:]}"
+
+    def start(self) -> None:
+        self.script("start")
+
+    def stop(self) -> None:
+        self.script("stop")
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture
+def local_broker(tmp_path: Path) -> Iterator[LocalBroker]:
+    """A LocalBroker, not yet started; stopped at the end."""
+    broker = LocalBroker(tmp_path)
+    try:
+        yield broker
+    finally:
+        subprocess.run([str(SCRIPT), "stop"], env=broker.env, capture_output=True, text=True, timeout=120)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)

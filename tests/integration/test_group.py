@@ -9,12 +9,9 @@ group watch.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -22,7 +19,7 @@ from kafka import KafkaConsumer
 from kafka.admin import KafkaAdminClient
 from kafka.structs import MemberState
 
-from tests.integration.conftest import SCRIPT, WorkerProcess, _free_port_pair, read_topic
+from tests.integration.conftest import LocalBroker, WorkerProcess, read_topic
 from tests.integration.jobs import answered, make_jobs, source_of
 from tests.integration.test_processes import free_port, metric, submit, wait_answered
 from worker.kafka.config import consumer_kwargs
@@ -101,33 +98,11 @@ def test_the_second_worker_takes_the_partitions_over_when_the_first_stops(
     take_over(kafka_bootstrap, topics.results, make_settings, spawn)
 
 
-@pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[tuple[str, Callable[[], None]]]:
-    """A broker of this test's own (its data kept across restarts), and a function that restarts it."""
-    port = _free_port_pair()
-    env = {
-        **os.environ,
-        "KAFKA_PORT": str(port),
-        "KAFKA_CONTROLLER_PORT": str(port + 1),
-        "KAFKA_RUN_DIR": str(tmp_path / "broker"),
-        "KAFKA_DATA_DIR": str(tmp_path / "broker-data"),
-    }
-
-    def script(command: str) -> None:
-        done = subprocess.run([str(SCRIPT), command], env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, f"local-kafka.sh {command}: {done.stderr[-3000:]}"
-
-    script("start")
-    try:
-        yield f"127.0.0.1:{port}", lambda: (script("stop"), script("start"))
-    finally:
-        subprocess.run([str(SCRIPT), "stop"], env=env, capture_output=True, text=True, timeout=120)
-
-
 def test_a_worker_that_joins_right_after_a_broker_restart_takes_the_partitions_over(
-    own_broker: tuple[str, Callable[[], None]], make_settings: Callable[..., Settings], spawn: Spawn, topics: Any
+    local_broker: LocalBroker, make_settings: Callable[..., Settings], spawn: Spawn, topics: Any
 ) -> None:
-    bootstrap, restart = own_broker
+    local_broker.start()
+    bootstrap, restart = local_broker.bootstrap, local_broker.restart
     ensure_topics(Settings(bootstrap_servers=bootstrap), {topics.jobs: 4, topics.results: 2, topics.dlq: 1})
 
     def settings(**overrides: Any) -> Settings:

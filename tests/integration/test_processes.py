@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import time
 import urllib.request
 from collections.abc import Callable
@@ -11,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import Topics, WorkerProcess, committed_offsets, read_topic, worker_thread
+from tests.integration.conftest import Topics, WorkerProcess, committed_offsets, free_port, read_topic, worker_thread
 from tests.integration.jobs import answered, make_jobs, source_of
 from worker.client import RerankClient
 from worker.engine.engine import RerankEngine
@@ -30,12 +29,6 @@ def submit(settings: Settings, jobs: list[dict[str, Any]]) -> list[str]:
 
 def wait_answered(bootstrap: str, topic: str, n: int, timeout_s: float = 120) -> list[Any]:
     return read_topic(bootstrap, topic, until=lambda rs: len(answered(rs)) >= n, timeout_s=timeout_s)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def metric(port: int, name: str) -> float:

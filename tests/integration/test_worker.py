@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 import pytest
+from kafka.admin import KafkaAdminClient
 
 from tests.engine_wrappers import ScoresAtResult
 from tests.integration.conftest import (
@@ -121,13 +122,18 @@ def test_malformed_messages_are_dead_lettered_with_their_headers(
     }
     messages = [(k.encode(), v, [("trace-id", f"t-{k}".encode())]) for k, (v, _) in cases.items()]
     messages.append((b"k-good", _job("good"), []))  # after all the bad ones: the worker still answers
+    # A retrieval that found nothing is not an error: an empty ranking, as the seed answered it.
+    messages.append((b"k-empty", orjson.dumps({"job_id": "empty", "query": "q", "documents": []}), []))
     metas = produce(kafka_bootstrap, topics.jobs, messages)
     meta_by_key = {k.decode(): m for (k, _, _), m in zip(messages, metas, strict=True)}
     with worker_thread(settings, engine) as worker:
         letters = read_topic(kafka_bootstrap, topics.dlq, until=lambda rs: len(rs) >= len(cases))
-        results = read_topic(kafka_bootstrap, topics.results, until=lambda rs: len(rs) >= 1)
+        results = read_topic(kafka_bootstrap, topics.results, until=lambda rs: len(rs) >= 2)
         metrics = worker.metrics
-    assert [r.key for r in results] == [b"good"]
+    assert sorted(r.key for r in results) == [b"empty", b"good"]
+    empty = next(value(r) for r in results if r.key == b"empty")
+    assert empty["results"] == []
+    assert (empty["meta"]["input_docs"], empty["meta"]["packs"], empty["meta"]["tokens"]) == (0, 0, 0)
     assert len(letters) == len(cases)
     for letter in letters:
         key = letter.key.decode()
@@ -155,7 +161,7 @@ def test_malformed_messages_are_dead_lettered_with_their_headers(
         assert h["trace-id"] == f"t-{key}"  # the job's own headers travel along
         assert metrics.dead_letters.value(reason=h["rerank.error.reason"]) >= 1
     assert metrics.jobs.value(outcome="dead_letter") == len(cases)
-    assert metrics.jobs.value(outcome="result") == 1
+    assert metrics.jobs.value(outcome="result") == 2
 
 
 def test_reply_topic_allowlist(
@@ -164,10 +170,14 @@ def test_reply_topic_allowlist(
     prefix = topics.jobs.removesuffix(".jobs")
     allowed, other = f"{prefix}.replies.alpha", f"{prefix}.elsewhere"
     ensure_topics(Settings(bootstrap_servers=kafka_bootstrap), {allowed: 1, other: 1})
-    settings = make_settings(reply_topic_allowlist=rf"{re.escape(prefix)}\.replies\.[a-z]+")
+    missing = f"{prefix}.replies.missing"  # allowed, but nobody created it (and the broker creates no topics)
+    # A producer waits up to its max_block_ms for a topic's metadata: 30 s here, twice that with the retry.
+    settings = make_settings(reply_topic_allowlist=rf"{re.escape(prefix)}\.replies\.[a-z]+", produce_timeout_ms=30000)
     docs = ["a red shoe", "a blue boot"]
     with worker_thread(settings, engine), RerankClient(settings) as client:
+        started = time.monotonic()
         ids = [
+            client.submit({"job_id": "to-missing", "query": "q", "documents": docs, "reply_topic": missing}),
             client.submit({"job_id": "to-allowed", "query": "q", "documents": docs, "reply_topic": allowed}),
             client.submit({"job_id": "to-other", "query": "q", "documents": docs, "reply_topic": other}),
             client.submit({"job_id": "default", "query": "q", "documents": docs}),
@@ -176,6 +186,11 @@ def test_reply_topic_allowlist(
             ),
         ]
         outcomes = client.wait(ids, timeout_s=60)
+        waited_s = time.monotonic() - started
+    assert isinstance(outcomes["to-missing"], DeadLettered)
+    assert outcomes["to-missing"].reason == "unknown_reply_topic"
+    assert waited_s < 25, f"answers took {waited_s:.1f} s: something waited on the missing topic's metadata"
+    assert missing not in set(KafkaAdminClient(bootstrap_servers=kafka_bootstrap).list_topics())
     assert isinstance(outcomes["to-other"], DeadLettered)
     assert outcomes["to-other"].reason == "disallowed_reply_topic"
     assert outcomes["explicit-results"].__class__.__name__ == "DeadLettered"  # the allowlist replaces the default

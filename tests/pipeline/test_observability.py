@@ -12,7 +12,7 @@ import pytest
 from worker.engine.api import InvalidJobError
 from worker.pipeline.deadletter import dead_letter, header_map, smaller_dead_letter
 from worker.pipeline.http import HealthServer
-from worker.pipeline.logs import JsonFormatter, job_fields
+from worker.pipeline.logs import JsonFormatter, configure_logging, job_fields
 from worker.pipeline.metrics import Counter, Gauge, Histogram, Registry, WorkerMetrics
 from worker.pipeline.records import Failure, SourceRecord
 
@@ -148,3 +148,21 @@ def test_json_log_lines_carry_the_job() -> None:
     assert line["job_id"] == "job-1"
     assert line["where"] == "jobs[3]@41"
     assert line["reason"] == "x"
+
+
+@pytest.mark.parametrize("level", ["INFO", "DEBUG"])
+def test_kafka_pythons_own_lines_are_debug_lines(level: str, capsys: pytest.CaptureFixture[str]) -> None:
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logging.getLogger("kafka").level)
+    try:
+        configure_logging(level, "w-1")
+        logging.getLogger("kafka.net.manager").error("Connection failed: KafkaConnectionError: 111 ECONNREFUSED")
+        logging.getLogger("worker.kafka.startup").warning("Kafka at b:9092 is not reachable")
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+        logging.getLogger("kafka").setLevel(saved[2])
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [(line["logger"], line["level"]) for line in lines] == [
+        *([("kafka.net.manager", "debug")] if level == "DEBUG" else []),
+        ("worker.kafka.startup", "warning"),
+    ]

@@ -40,13 +40,31 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
+class KafkaChatter(logging.Filter):
+    """kafka-python's own lines become debug lines: its reconnects and retries (a dozen lines a second while a broker
+    is down, NotCoordinator warnings at every start on a fresh broker) are summed up by the worker's own lines
+    (`Kafka ... is not reachable`, `publish failed, trying again`, `rejoining consumer group`)."""
+
+    def __init__(self, show: bool) -> None:
+        super().__init__()
+        self.show = show
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "kafka" or record.name.startswith("kafka."):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return self.show
+        return True
+
+
 def configure_logging(level: str = "INFO", worker_id: str | None = None) -> None:
+    debug = logging.getLevelName(level) <= logging.DEBUG
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(worker_id))
+    handler.addFilter(KafkaChatter(show=debug))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    logging.getLogger("kafka").setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 def job_fields(record: SourceRecord, job_id: str | None = None, **more: Any) -> dict[str, Any]:

@@ -1,10 +1,13 @@
 """`rerank-worker run`: the pipeline with the worker's ends, in the main thread until SIGTERM or SIGINT.
 
-Opens, in order: the health server (`/healthz`, `/readyz`, `/metrics`), the producer (and checks that the jobs,
-results and dead-letter topics exist), the consumer in the workers' group; then runs a `Pipeline` of a
-`GroupSource` (subscribed to RERANK_JOBS_TOPIC) and a `WorkerSink` (results, dead letters). Signal handlers only set
-the pipeline's stop flag; a second Ctrl+C exits at once, and should closing hang (an unreachable coordinator), a
-watchdog exits shortly after RERANK_SHUTDOWN_TIMEOUT_S. Closing the consumer leaves the group.
+Starts, in order: the health server (`/healthz`, `/readyz`, `/metrics`); a check that the cluster answers and the
+jobs, results and dead-letter topics exist (before the model loads, so a misconfiguration costs no load); the model,
+when the worker was given a function that loads it; the producer and the consumer in the workers' group. The check
+and the clients wait for an unreachable cluster up to RERANK_KAFKA_STARTUP_TIMEOUT_S each (worker.kafka.startup),
+alive and not ready meanwhile. Then it runs a `Pipeline` of a `GroupSource` (subscribed to RERANK_JOBS_TOPIC) and a
+`WorkerSink` (results, dead letters). Signal handlers only set the stop flag; a second Ctrl+C exits at once, and
+should closing hang (an unreachable coordinator), a watchdog exits shortly after RERANK_SHUTDOWN_TIMEOUT_S. Closing
+the consumer leaves the group.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from types import FrameType
 from typing import Any
@@ -24,13 +28,14 @@ from kafka import KafkaConsumer
 from worker.engine.api import Engine
 from worker.kafka.config import compression, consumer_kwargs
 from worker.kafka.groups import GroupAdmin
-from worker.kafka.topics import open_producer, require_topics
+from worker.kafka.startup import StopRequested, reach
+from worker.kafka.topics import TopicCatalog, open_producer, require_topics
 from worker.pipeline.consume import GroupSource, GroupWatch
 from worker.pipeline.errors import Fatal, FatalError, one_line
 from worker.pipeline.http import HealthServer
 from worker.pipeline.metrics import WorkerMetrics
 from worker.pipeline.parse import Parser
-from worker.pipeline.runner import EXIT_FATAL, Pipeline
+from worker.pipeline.runner import EXIT_FATAL, EXIT_OK, Pipeline
 from worker.pipeline.sink import WorkerSink
 from worker.settings import Settings
 
@@ -44,9 +49,21 @@ def default_worker_id() -> str:
 
 
 class Worker:
-    def __init__(self, settings: Settings, engine: Engine, *, metrics: WorkerMetrics | None = None) -> None:
+    """`engine`: a loaded engine, or `load`: a function that loads one, called once the cluster has answered."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine | None = None,
+        *,
+        load: Callable[[], Engine] | None = None,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
+        if (engine is None) == (load is None):
+            raise TypeError("give the Worker an engine or a function that loads one")
         self.settings = settings
-        self.engine = engine
+        self._engine = engine
+        self._load = load
         self.worker_id = settings.worker_id or default_worker_id()
         self.metrics = metrics or WorkerMetrics()
         self.fatal_error = Fatal()
@@ -54,6 +71,12 @@ class Worker:
         self.started = threading.Event()  # set once partitions are assigned (tests wait on it)
         self.pipeline: Pipeline | None = None
         self.http_port: int | None = None
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise RuntimeError("the engine is not loaded yet")
+        return self._engine
 
     @property
     def fatal(self) -> str | None:
@@ -71,10 +94,21 @@ class Worker:
         try:
             with ExitStack() as stack:
                 try:
-                    self.pipeline = self.open(stack)
+                    self.serve_health(stack)
+                    self.check_cluster()
+                    if self._engine is None:
+                        self._engine = self._load() if self._load is not None else None
+                    pipeline, clients = reach(
+                        self.settings, self.open, what="opening the Kafka clients", stopping=self.stopping
+                    )
+                    stack.enter_context(clients)
+                    self.pipeline = pipeline
                 except FatalError as e:
                     self.fatal_error.fail(str(e))
                     return EXIT_FATAL
+                except StopRequested:
+                    log.info("stopped while waiting for Kafka")
+                    return EXIT_OK
                 if self.stopping.is_set():
                     self.pipeline.stop()
                 log.info(
@@ -92,23 +126,53 @@ class Worker:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
-    def open(self, stack: ExitStack) -> Pipeline:
+    def serve_health(self, stack: ExitStack) -> None:
         s = self.settings
-        server = HealthServer(s.http_host, s.http_port, alive=self.alive, ready=self.ready, metrics=self.metrics.render)
+        try:
+            server = HealthServer(
+                s.http_host, s.http_port, alive=self.alive, ready=self.ready, metrics=self.metrics.render
+            )
+        except OSError as e:
+            raise FatalError(
+                f"cannot serve /healthz, /readyz and /metrics on {s.http_host}:{s.http_port} "
+                f"(RERANK_HTTP_HOST, RERANK_HTTP_PORT): {one_line(e)}"
+            ) from None
         stack.callback(server.close)
         self.http_port = server.start().port
+
+    def check_cluster(self) -> None:
+        """The cluster answers and the worker's topics exist, or FatalError; waits while it is unreachable."""
+        s = self.settings
         try:
             compression(s)
         except ValueError as e:
             raise FatalError(str(e)) from None
-        producer = open_producer(s, client_id=f"{self.worker_id}-producer")
-        stack.callback(self._close_producer, producer)
-        require_topics(producer, s, (s.jobs_topic, s.results_topic, s.dlq_topic))
-        try:
+        reach(
+            s,
+            lambda: require_topics(s, self.topics, client_id=f"{self.worker_id}-check"),
+            what="checking the Kafka cluster",
+            stopping=self.stopping,
+        )
+
+    @property
+    def topics(self) -> tuple[str, str, str]:
+        s = self.settings
+        return (s.jobs_topic, s.results_topic, s.dlq_topic)
+
+    def open(self) -> tuple[Pipeline, ExitStack]:
+        """The pipeline, and the stack that closes its clients; on failure nothing is left open."""
+        s = self.settings
+        with ExitStack() as stack:
+            producer = open_producer(s, client_id=f"{self.worker_id}-producer")
+            stack.callback(self._close_producer, producer)
+            require_topics(s, self.topics, client_id=f"{self.worker_id}-producer")
             consumer = KafkaConsumer(**consumer_kwargs(s, client_id=f"{self.worker_id}-consumer", group_id=s.group_id))
-        except Exception as e:
-            raise FatalError(f"cannot start the Kafka consumer for {s.bootstrap_servers}: {one_line(e)}") from e
-        stack.callback(self._close_consumer, consumer)
+            stack.callback(self._close_consumer, consumer)
+            pipeline = self._pipeline_of(stack, producer, consumer)
+            return pipeline, stack.pop_all()
+
+    def _pipeline_of(self, stack: ExitStack, producer: Any, consumer: Any) -> Pipeline:
+        s = self.settings
         admin = GroupAdmin(s, s.group_id, client_id=f"{self.worker_id}-group-watch")
         stack.callback(admin.close)
         watch = GroupWatch(
@@ -119,19 +183,25 @@ class Worker:
             settle_s=max(5.0, 3 * s.heartbeat_interval_ms / 1000),
             idle_after_s=max(10.0, s.session_timeout_ms / 1000),
         )
-        return Pipeline(
+        catalog = TopicCatalog(s, client_id=f"{self.worker_id}-topics")
+        stack.callback(catalog.close)
+        pipeline = Pipeline(
             s,
             self.engine,
             GroupSource(consumer, s.jobs_topic, self.fatal_error, watch=watch, metrics=self.metrics),
             WorkerSink(s, worker_id=self.worker_id, model=self.engine.info.model),
             producer,
             parser=Parser(
-                max_message_bytes=s.max_message_bytes, max_docs=s.max_docs, reply_topics=s.reply_topic_pattern()
+                max_message_bytes=s.max_message_bytes,
+                max_docs=s.max_docs,
+                reply_topics=s.reply_topic_pattern(),
+                topic_exists=catalog.exists,
             ),
             metrics=self.metrics,
             fatal=self.fatal_error,
             started=self.started,
         )
+        return pipeline
 
     # -- health ---------------------------------------------------------------------------------------------------
 
@@ -180,7 +250,3 @@ class Worker:
             producer.close(timeout=min(5.0, self.settings.shutdown_timeout_s / 4))
         except Exception as e:
             log.warning("closing the producer failed: %s", one_line(e))
-
-
-def run_worker(settings: Settings, engine: Engine, *, install_signals: bool = True) -> int:
-    return Worker(settings, engine).run(install_signals=install_signals)

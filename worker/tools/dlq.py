@@ -340,5 +340,5 @@ def _producer_for(settings: Settings, topic: str, stack: ExitStack) -> Any:
     """The worker's producer (acks=all, idempotent), once `topic` is known to exist; closed with `stack`."""
     producer = open_producer(settings, client_id="rerank-dlq-requeue")
     stack.callback(producer.close, timeout=10)
-    require_topics(producer, settings, [topic])
+    require_topics(settings, [topic], client_id="rerank-dlq-requeue-topics")
     return producer

@@ -295,7 +295,7 @@ def replay(
     servers = settings.bootstrap_servers
     producer = open_producer(settings, client_id=f"rerank-replay-{replay_id}-producer")
     try:
-        require_topics(producer, settings, [target])
+        require_topics(settings, [target], client_id=f"rerank-replay-{replay_id}-topics")
         try:
             consumer = KafkaConsumer(
                 **consumer_kwargs(settings, client_id=f"rerank-replay-{replay_id}-consumer", group_id=group)
