@@ -13,6 +13,8 @@ import argparse
 import dataclasses
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -42,6 +44,32 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as e:
         fail(EXIT_USAGE, f"invalid settings: {describe_settings_error(e)}")
+
+
+@contextmanager
+def kafka_failures(what: str, settings: Settings) -> Iterator[None]:
+    """Kafka errors in the block exit 4 with one line, naming the refusal kafka-python only logs (wrong password,
+    untrusted certificate, another protocol on the port) where there was one."""
+    from kafka.errors import KafkaError
+
+    from worker.kafka.startup import watching_refusals
+    from worker.pipeline.errors import FatalError, one_line
+
+    with watching_refusals() as refusals:
+        try:
+            yield
+        except (FatalError, KafkaError) as e:
+            refusal = refusals.explain(settings)
+            detail = f"{refusal} ({settings.bootstrap_servers})" if refusal else one_line(e)
+            fail(EXIT_KAFKA, f"{what}: {detail}")
+
+
+def require_topics(settings: Settings, *topics: str) -> None:
+    """Check the cluster and `topics` before doing anything else (before a model loads, before a job is sent)."""
+    from worker.kafka.topics import require_topics as require
+
+    with kafka_failures("cannot use Kafka", settings):
+        require(settings, topics, client_id=f"rerank-cli-{uuid.uuid4().hex[:8]}")
 
 
 def build_engine(settings: Settings) -> RerankEngine:
@@ -165,8 +193,6 @@ def ranked_table(result: Any, texts: list[str | None], width: int = 60) -> str:
 
 
 def cmd_enqueue(args: argparse.Namespace) -> None:
-    from kafka.errors import KafkaError
-
     from worker.client import DeadLettered, RerankClient
     from worker.messages import RerankJob, describe_validation_error
 
@@ -176,8 +202,9 @@ def cmd_enqueue(args: argparse.Namespace) -> None:
         job = RerankJob.model_validate(data, context={"max_docs": settings.max_docs})
     except ValidationError as e:
         fail(EXIT_INVALID_JOB, f"invalid job: {describe_validation_error(e)}")
+    require_topics(settings, settings.jobs_topic)
     try:
-        with RerankClient(settings) as client:
+        with kafka_failures(f"Kafka at {settings.bootstrap_servers}", settings), RerankClient(settings) as client:
             job_id = client.submit(job, timeout_s=args.timeout)
             if not args.wait:
                 print(job_id)
@@ -185,8 +212,6 @@ def cmd_enqueue(args: argparse.Namespace) -> None:
             outcome = client.wait([job_id], timeout_s=args.timeout)[job_id]
     except TimeoutError as e:
         fail(EXIT_TIMEOUT, str(e))
-    except KafkaError as e:
-        fail(EXIT_KAFKA, f"Kafka at {settings.bootstrap_servers}: {e}")
     if isinstance(outcome, DeadLettered):
         fail(EXIT_INVALID_JOB, f"job {job_id} was dead-lettered ({outcome.reason}): {outcome.message}")
     if args.json:
@@ -207,9 +232,6 @@ def _time_or_fail(text: str | None, flag: str) -> int | None:
 
 
 def cmd_replay(args: argparse.Namespace) -> None:
-    from kafka.errors import KafkaError
-
-    from worker.pipeline.errors import FatalError
     from worker.pipeline.logs import configure_logging
     from worker.pipeline.worker import default_worker_id
     from worker.tools.replay import check_range, replay, replay_group_id
@@ -223,25 +245,25 @@ def cmd_replay(args: argparse.Namespace) -> None:
         replay_group_id(settings, "check", args.group_id)
     except ValueError as e:
         fail(EXIT_USAGE, str(e))
+    require_topics(settings, settings.jobs_topic, args.reply_topic or settings.results_topic)  # before the model
     configure_logging(settings.log_level, settings.worker_id or default_worker_id())
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     engine = warm(build_engine(settings))
     try:
-        summary = replay(
-            settings,
-            engine,
-            from_ms=from_ms,
-            to_ms=to_ms,
-            reply_topic=args.reply_topic,
-            group_id=args.group_id,
-            progress=not args.no_progress,
-        )
+        with kafka_failures("replay failed", settings):
+            summary = replay(
+                settings,
+                engine,
+                from_ms=from_ms,
+                to_ms=to_ms,
+                reply_topic=args.reply_topic,
+                group_id=args.group_id,
+                progress=not args.no_progress,
+            )
     except ValueError as e:
         fail(EXIT_USAGE, str(e))
-    except (FatalError, KafkaError) as e:
-        fail(EXIT_KAFKA, f"replay failed: {e}")
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(summary.as_json()) + b"\n")
     else:
@@ -249,17 +271,13 @@ def cmd_replay(args: argparse.Namespace) -> None:
 
 
 def cmd_dlq_list(args: argparse.Namespace) -> None:
-    from kafka.errors import KafkaError
-
-    from worker.pipeline.errors import FatalError
     from worker.tools.dlq import list_dead_letters
 
     settings = load_settings()
     since_ms = _time_or_fail(args.since, "--since")
-    try:
+    require_topics(settings, settings.dlq_topic)
+    with kafka_failures("dlq list failed", settings):
         summary = list_dead_letters(settings, reasons=args.reason, since_ms=since_ms, limit=args.limit)
-    except (FatalError, KafkaError) as e:
-        fail(EXIT_KAFKA, f"dlq list failed: {e}")
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(summary.as_json(), option=orjson.OPT_INDENT_2) + b"\n")
     else:
@@ -267,19 +285,15 @@ def cmd_dlq_list(args: argparse.Namespace) -> None:
 
 
 def cmd_dlq_requeue(args: argparse.Namespace) -> None:
-    from kafka.errors import KafkaError
-
-    from worker.pipeline.errors import FatalError
     from worker.tools.dlq import requeue
 
     if not (args.reason or args.since or args.all):
         fail(EXIT_USAGE, "choose dead letters with --reason and/or --since, or requeue every one with --all")
     settings = load_settings()
     since_ms = _time_or_fail(args.since, "--since")
-    try:
+    require_topics(settings, settings.dlq_topic)
+    with kafka_failures("dlq requeue failed", settings):
         report = requeue(settings, reasons=args.reason, since_ms=since_ms, dry_run=args.dry_run, to_topic=args.to_topic)
-    except (FatalError, KafkaError) as e:
-        fail(EXIT_KAFKA, f"dlq requeue failed: {e}")
     print(report.describe())
 
 

@@ -130,6 +130,17 @@ class Settings(BaseSettings):
         description="PEM file of the CA that signed the brokers' certificates (`SSL`, `SASL_SSL`). Empty: the "
         "system's trusted CAs.",
     )
+    ssl_certfile: str | None = Field(
+        None,
+        validation_alias="KAFKA_SSL_CERTFILE",
+        description="PEM file of this client's certificate, for brokers that require one (mutual TLS; `SSL`, "
+        "`SASL_SSL`). Needs KAFKA_SSL_KEYFILE.",
+    )
+    ssl_keyfile: str | None = Field(
+        None,
+        validation_alias="KAFKA_SSL_KEYFILE",
+        description="PEM file of the private key of KAFKA_SSL_CERTFILE (unencrypted).",
+    )
 
     # -- Kafka worker -------------------------------------------------------------------------------------------------
     group_id: str = Field("rerank-worker", min_length=1, description="Consumer group of the workers.")
@@ -239,6 +250,8 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"KAFKA_SECURITY_PROTOCOL={self.security_protocol} needs KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD"
             )
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("KAFKA_SSL_CERTFILE and KAFKA_SSL_KEYFILE go together: set both or neither")
         if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
             raise ValueError(
                 f"RERANK_HEARTBEAT_INTERVAL_MS={self.heartbeat_interval_ms} must be at most a third of "

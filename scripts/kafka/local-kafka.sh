@@ -47,6 +47,15 @@ KAFKA_STOP_TIMEOUT="${KAFKA_STOP_TIMEOUT:-30}"
 KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms128m -Xmx512m}"
 KAFKA_JVM_OPTS="${KAFKA_JVM_OPTS:-}"
 KAFKA_AUTO_CREATE_TOPICS="${KAFKA_AUTO_CREATE_TOPICS:-true}"
+# Optional secured listeners (the integration tests use them): SASL_SSL with SCRAM-SHA-512, and SSL that requires a
+# client certificate. Both need a PEM key + certificate chain (KAFKA_TLS_KEYSTORE, the key unencrypted PKCS#8) and
+# the CA that signs client certificates (KAFKA_TLS_CA); SASL_SSL needs one SCRAM user, added when storage is formatted.
+KAFKA_SASL_SSL_PORT="${KAFKA_SASL_SSL_PORT:-}"
+KAFKA_MTLS_PORT="${KAFKA_MTLS_PORT:-}"
+KAFKA_TLS_KEYSTORE="${KAFKA_TLS_KEYSTORE:-}"
+KAFKA_TLS_CA="${KAFKA_TLS_CA:-}"
+KAFKA_SCRAM_USER="${KAFKA_SCRAM_USER:-}"
+KAFKA_SCRAM_PASSWORD="${KAFKA_SCRAM_PASSWORD:-}"
 if [[ "$KAFKA_AUTO_CREATE_TOPICS" != true && "$KAFKA_AUTO_CREATE_TOPICS" != false ]]; then
   printf 'local-kafka: error: KAFKA_AUTO_CREATE_TOPICS must be true or false, got %s\n' "'$KAFKA_AUTO_CREATE_TOPICS'" >&2
   exit 2
@@ -95,6 +104,11 @@ Environment (current value):
   KAFKA_HEAP_OPTS        broker heap ($KAFKA_HEAP_OPTS)
   KAFKA_JVM_OPTS         extra broker JVM options (${KAFKA_JVM_OPTS:-none})
   KAFKA_AUTO_CREATE_TOPICS  auto.create.topics.enable: true or false ($KAFKA_AUTO_CREATE_TOPICS)
+  KAFKA_SASL_SSL_PORT    port of a SASL_SSL listener, SCRAM-SHA-512 (${KAFKA_SASL_SSL_PORT:-none})
+  KAFKA_MTLS_PORT        port of an SSL listener that requires client certificates (${KAFKA_MTLS_PORT:-none})
+  KAFKA_TLS_KEYSTORE     PEM: the broker's unencrypted PKCS#8 key and certificate chain (secured listeners)
+  KAFKA_TLS_CA           PEM: the CA whose client certificates the mTLS listener accepts
+  KAFKA_SCRAM_USER, KAFKA_SCRAM_PASSWORD  the SCRAM-SHA-512 user, added when storage is formatted
   JAVA_HOME / JAVA       Java 17+ to run it ($JAVA)
   MVN                    Maven used by 'fetch' ($MVN)
 EOF
@@ -268,18 +282,43 @@ reconnect.backoff.max.ms=1000
 EOF
 }
 
+secured_listeners() {
+  [[ -n "$KAFKA_SASL_SSL_PORT" ]] && printf ',SASL_SSL://%s:%s' "$HOST" "$KAFKA_SASL_SSL_PORT"
+  [[ -n "$KAFKA_MTLS_PORT" ]] && printf ',MTLS://%s:%s' "$HOST" "$KAFKA_MTLS_PORT"
+  return 0
+}
+
+secured_settings() {
+  [[ -z "$KAFKA_SASL_SSL_PORT$KAFKA_MTLS_PORT" ]] && return 0
+  cat <<EOF
+# Secured listeners (KAFKA_SASL_SSL_PORT, KAFKA_MTLS_PORT).
+ssl.keystore.type=PEM
+ssl.keystore.location=$KAFKA_TLS_KEYSTORE
+ssl.truststore.type=PEM
+ssl.truststore.location=$KAFKA_TLS_CA
+sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_ssl.sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.mtls.ssl.client.auth=required
+EOF
+}
+
 write_server_props() {
+  if [[ -n "$KAFKA_SASL_SSL_PORT$KAFKA_MTLS_PORT" ]] && ! [[ -f "$KAFKA_TLS_KEYSTORE" && -f "$KAFKA_TLS_CA" ]]; then
+    die "secured listeners need KAFKA_TLS_KEYSTORE and KAFKA_TLS_CA (PEM files)"
+  fi
   cat >"$SERVER_PROPS" <<EOF
 # Written by local-kafka.sh; rewritten on every fresh start.
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@$HOST:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://$HOST:$KAFKA_PORT,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://$HOST:$KAFKA_PORT
+listeners=PLAINTEXT://$HOST:$KAFKA_PORT,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT$(secured_listeners)
+advertised.listeners=PLAINTEXT://$HOST:$KAFKA_PORT$(secured_listeners)
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL,MTLS:SSL
 log.dirs=$KAFKA_DATA_DIR
+$(secured_settings)
 
 # Single node: every internal topic has one replica.
 offsets.topic.replication.factor=1
@@ -318,7 +357,14 @@ prepare_data_dir() {
   fi
   cluster_id="${KAFKA_CLUSTER_ID:-$(run_tool kafka.tools.StorageTool random-uuid 2>>"$TOOLS_LOG")}"
   [[ -n "$cluster_id" ]] || die "could not get a cluster id from kafka.tools.StorageTool (see $TOOLS_LOG)"
-  if ! out="$(run_tool kafka.tools.StorageTool format -t "$cluster_id" -c "$SERVER_PROPS" --ignore-formatted 2>&1)"; then
+  local scram=()
+  if [[ -n "$KAFKA_SASL_SSL_PORT" ]]; then
+    [[ -n "$KAFKA_SCRAM_USER" && -n "$KAFKA_SCRAM_PASSWORD" ]] \
+      || die "KAFKA_SASL_SSL_PORT needs KAFKA_SCRAM_USER and KAFKA_SCRAM_PASSWORD"
+    scram=(--add-scram "SCRAM-SHA-512=[name=$KAFKA_SCRAM_USER,password=$KAFKA_SCRAM_PASSWORD]")
+  fi
+  if ! out="$(run_tool kafka.tools.StorageTool format -t "$cluster_id" -c "$SERVER_PROPS" --ignore-formatted \
+    "${scram[@]}" 2>&1)"; then
     printf '%s\n' "$out" >&2
     die "formatting KRaft storage in $KAFKA_DATA_DIR failed"
   fi

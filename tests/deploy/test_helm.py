@@ -206,10 +206,13 @@ def test_all_on_keda_scales_on_the_workers_own_group_and_topic(all_on_docs: list
     refs = {r["parameter"]: (r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]}
     sasl = all_on_values["kafka"]["sasl"]
     ca = all_on_values["kafka"]["tls"]["caSecret"]
+    client = all_on_values["kafka"]["tls"]["clientSecret"]
     assert refs == {
         "username": (sasl["existingSecret"], sasl["usernameKey"]),
         "password": (sasl["existingSecret"], sasl["passwordKey"]),
         "ca": (ca["name"], ca["key"]),
+        "cert": (client["name"], client["certKey"]),
+        "key": (client["name"], client["keyKey"]),
     }
     assert spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"]
 
@@ -230,6 +233,13 @@ def test_all_on_credentials_come_from_secrets(all_on_docs: list[Any], all_on_val
     assert entries["KAFKA_SSL_CAFILE"]["value"] == f"{mounts['kafka-ca']['mountPath']}/{ca['key']}"
     volumes = {v["name"]: v for v in one(all_on_docs, "Deployment")["spec"]["template"]["spec"]["volumes"]}
     assert volumes["kafka-ca"]["secret"]["secretName"] == ca["name"]
+    # the client certificate Secret (mutual TLS) likewise, the key readable by the owner only
+    client = all_on_values["kafka"]["tls"]["clientSecret"]
+    assert mounts["kafka-client"]["readOnly"] is True
+    assert entries["KAFKA_SSL_CERTFILE"]["value"] == f"{mounts['kafka-client']['mountPath']}/{client['certKey']}"
+    assert entries["KAFKA_SSL_KEYFILE"]["value"] == f"{mounts['kafka-client']['mountPath']}/{client['keyKey']}"
+    assert volumes["kafka-client"]["secret"]["secretName"] == client["name"]
+    assert volumes["kafka-client"]["secret"]["defaultMode"] == 0o400
     # extraEnv passes valueFrom through
     assert entries["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf-token"
 
@@ -320,7 +330,9 @@ def test_all_on_render_sets_every_setting_but_the_empty_ones(all_on_docs: list[A
     entries = env_entries(worker_container(all_on_docs))
     settings_in_env = {name for name in entries if name in SETTING_NAMES}
     merged = {**load_yaml(CHART / "values.yaml")["env"], **all_on_values["env"]}
-    expected_unset = {name for name, value in merged.items() if value == ""} - {"KAFKA_SSL_CAFILE"}  # from caSecret
+    # from caSecret and clientSecret
+    from_secrets = {"KAFKA_SSL_CAFILE", "KAFKA_SSL_CERTFILE", "KAFKA_SSL_KEYFILE"}
+    expected_unset = {name for name, value in merged.items() if value == ""} - from_secrets
     assert settings_in_env == SETTING_NAMES - expected_unset
     # nothing else that looks like a setting: a typo would be refused by the worker at start
     others = {name for name in entries if name not in SETTING_NAMES}
@@ -371,6 +383,7 @@ def test_worker_accepts_the_rendered_environment(
         ({"env.RERANK_HTTP_HOST": "127.0.0.1"}, "must not be a loopback address"),
         ({"gpu.enabled": "false"}, "gpu.enabled=false with RERANK_DEVICE=cuda"),
         ({"kafka.tls.caSecret.name": "ca", "env.KAFKA_SSL_CAFILE": "/ca.pem"}, "not both"),
+        ({"kafka.tls.clientSecret.name": "me", "env.KAFKA_SSL_KEYFILE": "/key.pem"}, "not both"),
     ],
 )
 def test_bad_values_fail_to_render(helm: Helm, sets: dict[str, str], message: str) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
+from pydantic import SecretStr
 
 from worker.kafka.topics import ensure_topics
 from worker.pipeline.worker import Worker
@@ -116,7 +117,8 @@ class LocalBroker:
     """A broker of one test's own (scripts/kafka/local-kafka.sh, auto-create off), started and stopped at will; its
     data is kept across restarts."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, **env: str) -> None:
+        """`env`: more of local-kafka.sh's settings (the secured listeners')."""
         self.port = _free_port_pair()
         self.bootstrap = f"127.0.0.1:{self.port}"
         self.env = {
@@ -126,6 +128,7 @@ class LocalBroker:
             "KAFKA_RUN_DIR": str(directory / "broker"),
             "KAFKA_DATA_DIR": str(directory / "broker-data"),
             "KAFKA_AUTO_CREATE_TOPICS": "false",
+            **env,
         }
 
     def script(self, command: str) -> None:
@@ -232,7 +235,7 @@ def worker_env(settings: Settings, model_dir: Path) -> dict[str, str]:
     for name in Settings.model_fields:
         value = getattr(settings, name)
         if value is not None and name in settings.model_fields_set:
-            env[env_name(name)] = str(value)
+            env[env_name(name)] = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
     env.update({"RERANK_MODEL": str(model_dir), "RERANK_DEVICE": "cpu", "PYTHONUNBUFFERED": "1"})
     return env
 

@@ -107,3 +107,42 @@ def test_a_refusal_ends_it_at_once_and_a_stop_ends_the_wait() -> None:
     with pytest.raises(StopRequested):
         reach(Settings(), steps, what="checking", stopping=Waits(steps, stop_after=2), clock=steps.clock)
     assert steps.calls == 2
+
+
+@pytest.mark.parametrize(
+    ("line", "meaning"),
+    [  # lines kafka-python 3.0 logged against the test broker's secured listeners
+        (
+            "Bootstrap connection to bootstrap-0 failed: [Error 58] SaslAuthenticationFailedError: "
+            "Authentication failed during authentication due to invalid credentials with SASL mechanism SCRAM-SHA-512",
+            "authentication failed",
+        ),
+        (
+            "Connection failed: KafkaConnectionError: Handshake failed: [SSL: CERTIFICATE_VERIFY_FAILED] certificate "
+            "verify failed: unable to get local issuer certificate (_ssl.c:1006)",
+            "certificate is not trusted",
+        ),
+        (
+            "Bootstrap connection to bootstrap-0 failed: KafkaConnectionError: [SSL: SSLV3_ALERT_BAD_CERTIFICATE] "
+            "sslv3 alert bad certificate (_ssl.c:2580) (backoff 0.32 secs)",
+            "refused the client's TLS certificate",
+        ),
+        (
+            "<KafkaConnection node_id=bootstrap-0 broker_version=unknown (disconnected)>: Connection lost: "
+            "InvalidReceiveError: Invalid frame length: 352518912",
+            "speaks another protocol",
+        ),
+    ],
+)
+def test_kafka_pythons_log_lines_name_the_refusal(line: str, meaning: str) -> None:
+    import logging
+
+    from worker.kafka.startup import watching_refusals
+
+    with watching_refusals() as refusals:
+        logging.getLogger("kafka.net.manager").error(line)
+    assert refusals.refusal is not None
+    assert meaning in refusals.refusal
+    with watching_refusals() as quiet:
+        logging.getLogger("kafka.net.manager").warning("Bootstrap connection to bootstrap-0 failed: 111 ECONNREFUSED")
+    assert quiet.refusal is None  # a broker that is down is not a refusal: it is waited for

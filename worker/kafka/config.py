@@ -40,8 +40,12 @@ def connection_kwargs(settings: Settings, *, client_id: str) -> dict[str, Any]:
         kwargs["sasl_plain_username"] = settings.sasl_username
         password = settings.sasl_password
         kwargs["sasl_plain_password"] = Redacted(password.get_secret_value()) if password is not None else None
-    if settings.security_protocol in ("SSL", "SASL_SSL") and settings.ssl_cafile:
-        kwargs["ssl_cafile"] = settings.ssl_cafile
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        if settings.ssl_cafile:
+            kwargs["ssl_cafile"] = settings.ssl_cafile
+        if settings.ssl_certfile and settings.ssl_keyfile:
+            kwargs["ssl_certfile"] = settings.ssl_certfile
+            kwargs["ssl_keyfile"] = settings.ssl_keyfile
     return kwargs
 
 

@@ -131,6 +131,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and .Values.kafka.tls.caSecret.name (ne (include "rerank-worker.setting" (list . "KAFKA_SSL_CAFILE" "")) "") -}}
 {{- fail "set env.KAFKA_SSL_CAFILE or kafka.tls.caSecret.name, not both" -}}
 {{- end -}}
+{{- range $key := list "KAFKA_SSL_CERTFILE" "KAFKA_SSL_KEYFILE" -}}
+{{- if and $.Values.kafka.tls.clientSecret.name (ne (include "rerank-worker.setting" (list $ $key "")) "") -}}
+{{- fail (printf "set env.%s or kafka.tls.clientSecret.name, not both" $key) -}}
+{{- end -}}
+{{- end -}}
 {{- $port := include "rerank-worker.httpPort" . | int -}}
 {{- if or (lt $port 1) (gt $port 65535) -}}
 {{- fail "env.RERANK_HTTP_PORT must be a fixed port (1-65535): probes, the Service and the ServiceMonitor use it" -}}
