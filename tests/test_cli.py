@@ -111,17 +111,31 @@ def test_enqueue_needs_a_job() -> None:
     assert e.value.code == 2
 
 
-def test_ranked_table() -> None:
+def test_ranked_table_says_what_it_shows(tmp_path: Path) -> None:
     job = RerankJob(job_id="j", query="q", documents=["alpha", "", {"id": 7, "text": "gamma " * 30}])
     stats = JobStats(3, 2, 2, 0.0, 0, False, 10, 1, 10, 10.0, 0.1, 0.2, 1.5)
     info = EngineInfo("m", "cpu", "float32", "sdpa", "packed-qwen3", False, 4096, 512, 512)
     result = RerankResult.from_scores(job, JobScores([0.25, None, 0.75], stats), info, scored_at=datetime.now(UTC))
-    lines = ranked_table(result, job.document_texts()).splitlines()
-    assert lines[0] == "job j: 3 documents, model m, 1.5 ms"
-    assert lines[2].split()[:4] == ["1", "0.750000", "2", "7"]
-    assert lines[2].endswith("...")
-    assert lines[3].split() == ["2", "0.250000", "0", "alpha"]
-    assert lines[4].split() == ["3", "-", "1"]
+    lines = ranked_table(result, job).splitlines()
+    assert lines[0] == "job j: 3 of 3 documents; 1 blank, 0 duplicates scored once; scored in 1.5 ms on the CPU"
+    assert lines[1] == "model m"
+    assert lines[3].split()[:4] == ["1", "0.750000", "2", "7"]
+    assert lines[3].endswith("...")
+    assert lines[4].split() == ["2", "0.250000", "0", "alpha"]
+    assert lines[5].split() == ["3", "-", "1"]
+
+    # top_n, duplicates, a GPU, and a model with random weights (a directory the offline builder wrote)
+    (tmp_path / "rerank-worker-offline.json").write_text("{}")
+    job = RerankJob(job_id="k", query="q", documents=["a", "b", "a", " ", "c", "b"], top_n=4)
+    stats = JobStats(6, 5, 3, 0.4, 0, False, 10, 1, 10, 10.0, 0.1, 0.2, 10.08)
+    info = EngineInfo(str(tmp_path), "cuda:0", "bfloat16", "flex", "packed-qwen3", True, 4096, 512, 512)
+    scores = JobScores([0.9, 0.5, 0.9, None, 0.1, 0.5], stats)
+    lines = ranked_table(RerankResult.from_scores(job, scores, info), job).splitlines()
+    assert lines[0] == (
+        "job k: 4 of 6 documents (top_n=4); 1 blank, 2 duplicates scored once; scored in 10.1 ms on the GPU"
+    )
+    assert lines[1] == f"model {tmp_path} (RANDOM WEIGHTS: the scores are meaningless)"
+    assert len(lines) == 3 + 4
 
 
 MODEL_FREE = """

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import textwrap
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +38,13 @@ EXIT_TIMEOUT = 5
 def fail(code: int, message: str) -> NoReturn:
     print(f"rerank-worker: {message}", file=sys.stderr)
     raise SystemExit(code)
+
+
+def read_file(path: str, flag: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        fail(EXIT_USAGE, f"{flag} {path}: {e.strerror or e}")
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -98,25 +106,47 @@ def build_engine(settings: Settings) -> RerankEngine:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
+    import time
+
     from worker.messages import RerankResult, parse_job
 
     settings = load_settings(model=args.model, device=args.device)
-    raw = Path(args.input).read_bytes() if args.input and args.input != "-" else sys.stdin.buffer.read()
+    raw = read_file(args.input, "--input") if args.input and args.input != "-" else sys.stdin.buffer.read()
     try:
         job = parse_job(raw, max_docs=settings.max_docs)
-        engine = build_engine(settings)
+    except InvalidJobError as e:
+        fail(EXIT_INVALID_JOB, f"invalid job ({e.reason}): {e}")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # stderr: errors and the one cost line
+    started = time.perf_counter()
+    engine = build_engine(settings)  # no warm-up: one job compiles and allocates only what it uses
+    load_s = time.perf_counter() - started
+    try:
         (scored,) = engine.score([job.to_score_request()])
     except InvalidJobError as e:
         fail(EXIT_INVALID_JOB, f"invalid job ({e.reason}): {e}")
     result = RerankResult.from_scores(job, scored, engine.info)
     option = orjson.OPT_INDENT_2 if args.pretty else 0
     sys.stdout.buffer.write(orjson.dumps(result.model_dump(mode="json"), option=option) + b"\n")
+    stats = scored.stats
+    weights = " (RANDOM WEIGHTS: the scores are meaningless)" if random_weights(settings.model) else ""
+    print(
+        f"rerank-worker: model loaded in {load_s:.1f} s on {engine.info.device}{weights}; {stats.input_docs} "
+        f"documents scored in {stats.elapsed_ms:.1f} ms (tokenizing {stats.tokenize_ms:.1f} ms, model "
+        f"{stats.inference_ms:.1f} ms)",
+        file=sys.stderr,
+    )
 
 
 def cmd_schemas(args: argparse.Namespace) -> None:
     from worker.messages import write_schemas
 
-    for path in write_schemas(Path(args.out)):
+    try:
+        written = write_schemas(Path(args.out))
+    except OSError as e:
+        fail(EXIT_USAGE, f"--out {args.out}: {e.strerror or e}")
+    for path in written:
         print(path)
 
 
@@ -152,7 +182,7 @@ def warm(engine: RerankEngine) -> RerankEngine:
 
 def _job_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.file:
-        raw = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+        raw = sys.stdin.buffer.read() if args.file == "-" else read_file(args.file, "--file")
         try:
             job: dict[str, Any] = orjson.loads(raw)
         except orjson.JSONDecodeError as e:
@@ -175,11 +205,26 @@ def _job_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return job
 
 
-def ranked_table(result: Any, texts: list[str | None], width: int = 60) -> str:
-    """The ranked documents of a RerankResult as a fixed-width table."""
+def random_weights(model: str) -> bool:
+    """Whether `model` is a local directory written by worker.testing.offline_model (random weights)."""
+    return Path(model, "rerank-worker-offline.json").is_file()
+
+
+def ranked_table(result: Any, job: Any, width: int = 60) -> str:
+    """The ranked documents of a RerankResult as a fixed-width table, under two lines that say what it shows."""
+    meta = result.meta
+    texts = job.document_texts()
+    cut = f" (top_n={job.top_n})" if job.top_n is not None and job.top_n < meta.input_docs else ""
+    blank = meta.input_docs - meta.usable_docs
+    duplicates = meta.usable_docs - meta.unique_docs
+    where = "CPU" if meta.device == "cpu" else "GPU" if meta.device.startswith("cuda") else meta.device
+    model = f"model {result.model}"
+    if random_weights(result.model):
+        model += " (RANDOM WEIGHTS: the scores are meaningless)"
     lines = [
-        f"job {result.job_id}: {result.meta.input_docs} documents, model {result.model}, "
-        f"{result.meta.elapsed_ms:.1f} ms",
+        f"job {result.job_id}: {len(result.results)} of {meta.input_docs} documents{cut}; {blank} blank, "
+        f"{duplicates} duplicates scored once; scored in {meta.elapsed_ms:.1f} ms on the {where}",
+        model,
         f"{'rank':>4}  {'score':>8}  {'index':>5}  {'id':<12}  document",
     ]
     for rank, doc in enumerate(result.results, 1):
@@ -217,7 +262,7 @@ def cmd_enqueue(args: argparse.Namespace) -> None:
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(outcome.model_dump(mode="json"), option=orjson.OPT_INDENT_2) + b"\n")
     else:
-        print(ranked_table(outcome, job.document_texts()))
+        print(ranked_table(outcome, job))
 
 
 def _time_or_fail(text: str | None, flag: str) -> int | None:
@@ -297,23 +342,94 @@ def cmd_dlq_requeue(args: argparse.Namespace) -> None:
     print(report.describe())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rerank-worker", description="Qwen3-Reranker worker.")
-    sub = parser.add_subparsers(dest="command", required=True)
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors (exit 2)."""
 
-    score = sub.add_parser("score", help="score one RerankJob (JSON on stdin or --input) and print the result")
+    def error(self, message: str) -> NoReturn:
+        fail(EXIT_USAGE, f"{message} (see {self.prog} --help)")
+
+
+KAFKA = "KAFKA_BOOTSTRAP_SERVERS, KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_*, KAFKA_SSL_*"
+ENGINE = (
+    "RERANK_MODEL, RERANK_DEVICE, RERANK_DTYPE, RERANK_ATTENTION, RERANK_FORWARD, RERANK_COMPILE, "
+    "RERANK_CUDA_GRAPHS, RERANK_MAX_PACK_TOKENS, RERANK_MAX_DOC_TOKENS, RERANK_MAX_QUERY_TOKENS, "
+    "RERANK_INSTRUCTION, RERANK_DOC_CACHE_SIZE, RERANK_MAX_DOCS"
+)
+EXITS = {
+    0: "done",
+    1: "the job is invalid or was dead-lettered",
+    2: "bad usage or settings",
+    3: "the model could not be loaded",
+    4: "Kafka unreachable or refused the connection, a topic missing (or another fatal error)",
+    5: "no answer within --timeout",
+}
+
+
+def _command(sub: Any, name: str, *, summary: str, description: str, exits: tuple[int, ...], reads: str) -> Any:
+    """A subcommand whose --help says what it does, its exit codes and the settings it reads."""
+    codes = "\n".join(f"  {code}  {EXITS[code]}" for code in (0, *exits))
+    settings = textwrap.fill(f"settings (environment variables): {reads}", width=100, subsequent_indent="  ")
+    epilog = (
+        f"exit codes:\n{codes}\n\n{settings}\n"
+        "Every setting, its default and meaning: the README's settings table (python -m worker.settings)."
+    )
+    return sub.add_parser(
+        name,
+        help=summary,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="rerank-worker",
+        description="Qwen3-Reranker worker: score rerank jobs from Kafka, or one job from a file; replay a time "
+        "range; inspect dead letters. Errors are one line on stderr; `rerank-worker COMMAND --help` says more.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    score = _command(
+        sub,
+        "score",
+        summary="score one RerankJob (JSON on stdin or --input) and print the result",
+        description="Score one RerankJob without Kafka and print its RerankResult as JSON on stdout; on stderr, one "
+        "line with the model's load time and the scoring time (nothing is warmed up for one job).",
+        exits=(1, 2, 3),
+        reads=ENGINE,
+    )
     score.add_argument("--model", help="model name or local directory (overrides RERANK_MODEL)")
     score.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides RERANK_DEVICE)")
     score.add_argument("--input", help="file holding the job; default stdin")
     score.add_argument("--pretty", action="store_true", help="indent the JSON output")
     score.set_defaults(func=cmd_score)
 
-    run = sub.add_parser("run", help="consume RERANK_JOBS_TOPIC, score, publish results (until SIGTERM/SIGINT)")
+    run = _command(
+        sub,
+        "run",
+        summary="consume RERANK_JOBS_TOPIC, score, publish results (until SIGTERM/SIGINT)",
+        description="The worker: serves /healthz, /readyz and /metrics on RERANK_HTTP_PORT, checks the cluster and "
+        "its topics (waiting up to RERANK_KAFKA_STARTUP_TIMEOUT_S for a broker that does not answer), loads the "
+        "model, then consumes RERANK_JOBS_TOPIC in RERANK_GROUP_ID and publishes results and dead letters until "
+        "SIGTERM or SIGINT (a second Ctrl+C exits at once). Logs are JSON lines on stderr.",
+        exits=(2, 3, 4),
+        reads="every setting (" + KAFKA + ", RERANK_*)",
+    )
     run.add_argument("--model", help="model name or local directory (overrides RERANK_MODEL)")
     run.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides RERANK_DEVICE)")
     run.set_defaults(func=cmd_run)
 
-    enqueue = sub.add_parser("enqueue", help="send a job to RERANK_JOBS_TOPIC; with --wait print its ranked result")
+    enqueue = _command(
+        sub,
+        "enqueue",
+        summary="send a job to RERANK_JOBS_TOPIC; with --wait print its ranked result",
+        description="Validate a job (--file, or --query and --doc), send it to RERANK_JOBS_TOPIC and print its "
+        "job_id; with --wait, wait for its result (or dead letter) and print a ranked table (--json: the result).",
+        exits=(1, 2, 4, 5),
+        reads=KAFKA + ", RERANK_JOBS_TOPIC, RERANK_RESULTS_TOPIC, RERANK_DLQ_TOPIC, RERANK_MAX_DOCS, "
+        "RERANK_MAX_MESSAGE_BYTES",
+    )
     enqueue.add_argument("--file", help="JSON file holding a RerankJob ('-': stdin)")
     enqueue.add_argument("--query", help="the query (with --doc)")
     enqueue.add_argument("--doc", action="append", help="a document; repeat for more")
@@ -328,9 +444,16 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.set_defaults(func=cmd_enqueue)
 
     time_help = "ISO-8601 (2026-11-27T10:00:00Z), epoch milliseconds, or relative (-2h, -30m)"
-    replay = sub.add_parser(
+    replay = _command(
+        sub,
         "replay",
-        help="re-score the jobs of a time range of RERANK_JOBS_TOPIC with this model; results marked as replays",
+        summary="re-score the jobs of a time range of RERANK_JOBS_TOPIC with this model; results marked as replays",
+        description="Re-score the jobs of [--from, --to) of RERANK_JOBS_TOPIC with this model, in a consumer group "
+        "of its own, and publish the results marked as replays (`replay` in the result, rerank.replay.* headers). "
+        "Bad records are skipped and counted (the workers dead-lettered them already). The cluster and the topics "
+        "are checked before the model loads.",
+        exits=(2, 3, 4),
+        reads=ENGINE + ", " + KAFKA + ", RERANK_JOBS_TOPIC, RERANK_RESULTS_TOPIC, RERANK_GROUP_ID",
     )
     replay.add_argument("--from", dest="from_time", required=True, metavar="TIME", help=f"range start: {time_help}")
     replay.add_argument("--to", dest="to_time", metavar="TIME", help="range end, exclusive; default: the end now")
@@ -342,15 +465,35 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--json", action="store_true", help="print the summary as JSON")
     replay.set_defaults(func=cmd_replay)
 
-    dlq = sub.add_parser("dlq", help="inspect and requeue the dead letters of RERANK_DLQ_TOPIC")
-    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
-    dlq_list = dlq_sub.add_parser("list", help="dead letters: counts by reason and the newest entries")
+    dlq = sub.add_parser(
+        "dlq",
+        help="inspect and requeue the dead letters of RERANK_DLQ_TOPIC",
+        description="Inspect (`list`) and requeue (`requeue`) the dead letters of RERANK_DLQ_TOPIC.",
+    )
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True, parser_class=Parser)
+    dlq_list = _command(
+        dlq_sub,
+        "list",
+        summary="dead letters: counts by reason and the newest entries",
+        description="Count the dead letters of RERANK_DLQ_TOPIC by reason, then show the newest (time, reason, "
+        "original topic[partition]@offset, job_id, message).",
+        exits=(2, 4),
+        reads=KAFKA + ", RERANK_DLQ_TOPIC",
+    )
     dlq_list.add_argument("--since", metavar="TIME", help=f"dead-lettered at or after: {time_help}")
     dlq_list.add_argument("--reason", action="append", help="only this reason; repeat for more")
     dlq_list.add_argument("--limit", type=int, default=50, help="entries shown, newest (default 50; 0: all)")
     dlq_list.add_argument("--json", action="store_true", help="print JSON: total, by_reason, entries")
     dlq_list.set_defaults(func=cmd_dlq_list)
-    dlq_requeue = dlq_sub.add_parser("requeue", help="re-publish chosen dead letters' original bytes as jobs")
+    dlq_requeue = _command(
+        dlq_sub,
+        "requeue",
+        summary="re-publish chosen dead letters' original bytes as jobs",
+        description="Re-publish the original key, value and headers of the chosen dead letters to "
+        "RERANK_JOBS_TOPIC (or --to-topic), each marked with where it was requeued from.",
+        exits=(2, 4),
+        reads=KAFKA + ", RERANK_DLQ_TOPIC, RERANK_JOBS_TOPIC",
+    )
     dlq_requeue.add_argument("--reason", action="append", help="only this reason; repeat for more")
     dlq_requeue.add_argument("--since", metavar="TIME", help=f"dead-lettered at or after: {time_help}")
     dlq_requeue.add_argument("--all", action="store_true", help="every dead letter (without --reason or --since)")
@@ -358,8 +501,15 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_requeue.add_argument("--to-topic", help="send them there instead of RERANK_JOBS_TOPIC")
     dlq_requeue.set_defaults(func=cmd_dlq_requeue)
 
-    schemas = sub.add_parser("schemas", help="write the wire JSON Schemas into a folder")
-    schemas.add_argument("--out", default="schemas")
+    schemas = _command(
+        sub,
+        "schemas",
+        summary="write the wire JSON Schemas into a folder",
+        description="Write the JSON Schemas of RerankJob and RerankResult into --out (default schemas/).",
+        exits=(2,),
+        reads="none",
+    )
+    schemas.add_argument("--out", default="schemas", help="folder to write into (default schemas)")
     schemas.set_defaults(func=cmd_schemas)
     return parser
 

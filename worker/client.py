@@ -29,9 +29,10 @@ from kafka.structs import TopicPartition
 from pydantic import ValidationError
 
 from worker.kafka.config import consumer_kwargs, producer_kwargs
-from worker.kafka.topics import TopicCatalog
+from worker.kafka.topics import TopicCatalog, require_topics
 from worker.messages import RerankJob, RerankResult
 from worker.pipeline.deadletter import header_map
+from worker.pipeline.errors import FatalError
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -114,8 +115,11 @@ class RerankClient:
         if topic in self._readers:
             return
         if self._catalog.exists(topic) is False:  # the producer would wait its max_block_ms for its metadata
-            log.warning("not reading %s: the topic does not exist (its jobs will be dead-lettered)", topic)
-            return
+            try:  # a broker with auto.create.topics.enable creates it, as a worker's first result would
+                require_topics(self.settings, [topic], client_id=f"{self.client_id}-topics")
+            except FatalError:
+                log.warning("not reading %s: the topic does not exist (its jobs will be dead-lettered)", topic)
+                return
         partitions = self.producer.partitions_for(topic)
         reader = KafkaConsumer(**consumer_kwargs(self.settings, client_id=f"{self.client_id}-reader", group_id=None))
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]

@@ -95,3 +95,20 @@ def test_a_missing_topic_exits_at_once_before_the_model_loads(
     assert "does not exist" in critical[0]["msg"]
     assert f"{topics.jobs}.missing" in critical[0]["msg"]
     assert "engine warm" not in worker.log()
+
+
+def test_a_normal_start_and_a_job_log_no_warning_or_error(
+    kafka_bootstrap: str, topics: Topics, make_settings: Callable[..., Settings], spawn: Spawn
+) -> None:
+    """A new group on fresh topics: kafka-python's NotCoordinator and missing-metadata chatter while the group is
+    created stays at debug level."""
+    settings = make_settings()
+    worker = spawn(settings)
+    worker.wait_for_log("worker started", timeout_s=120)
+    with RerankClient(settings) as client:
+        outcome = client.rerank("red shoes", ["a red shoe", "a boot"], timeout_s=90)
+    assert len(getattr(outcome, "results", [])) == 2, outcome
+    worker.proc.terminate()
+    assert worker.proc.wait(60) == 0
+    loud = [line for line in log_lines(worker) if line["level"] in ("warning", "error", "critical")]
+    assert loud == []

@@ -340,3 +340,19 @@ def test_a_transient_failure_that_outlives_its_tries_ends_the_replay(engine: Rer
         run.run()
     assert producer.sent == []
     assert consumer.commits == []
+
+
+def test_the_progress_bar_draws_when_the_terminal_reports_no_columns(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+    import shutil
+
+    from worker.tools.replay import _progress
+
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda fallback=(0, 0): os.terminal_size((0, 24)))
+    with _progress(4, "replay", enabled=True) as bar:
+        bar.update(3)
+    drawn = capsys.readouterr().err
+    assert "3/4" in drawn
+    assert "replay" in drawn

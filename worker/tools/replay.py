@@ -27,6 +27,7 @@ one replay, one topic to read it from).
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import time
 import uuid
@@ -177,7 +178,10 @@ def _progress(total: int, desc: str, enabled: bool) -> Iterator[Any]:
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    bar = tqdm(total=total, desc=desc, unit="job", file=sys.stderr, dynamic_ncols=True)
+    # A terminal that reports 0 columns (some CI runners, `stty cols 0`) would get an empty bar: 80 there.
+    dynamic = shutil.get_terminal_size(fallback=(0, 0)).columns > 0
+    width = None if dynamic else 80
+    bar = tqdm(total=total, desc=desc, unit="job", file=sys.stderr, dynamic_ncols=dynamic, ncols=width)
     try:
         with logging_redirect_tqdm():  # log lines print above the bar instead of through it
             yield bar
