@@ -48,6 +48,7 @@ QUIET.setLevel(logging.CRITICAL)
 
 @dataclass
 class Report:
+    delivery: str = "at_least_once"
     jobs_sent: int = 0
     malformed_sent: int = 0
     results: int = 0
@@ -59,10 +60,12 @@ class Report:
     kills: int = 0
     broker_stops: int = 0
     worker_exits: list[int] = field(default_factory=list)  # exit codes of workers that ended on their own
+    answers_per_s: float = 0.0  # results and dead letters over the time between the first and the last one
     wall_s: float = 0.0
 
     def ok(self) -> bool:
-        return self.lost == 0 and not self.wrong
+        once = self.delivery != "exactly_once" or self.duplicates == 0
+        return self.lost == 0 and not self.wrong and once
 
 
 class Workers:
@@ -150,16 +153,21 @@ def read_all(bootstrap: str, topic: str) -> list[Any]:
         metadata = consumer.list_topics(topic, timeout=30)
         partitions = [TopicPartition(topic, p) for p in metadata.topics[topic].partitions]
         ends = {tp.partition: consumer.get_watermark_offsets(tp, timeout=30)[1] for tp in partitions}
-        consumer.assign([TopicPartition(topic, p, 0) for p in ends])
-        seen = dict.fromkeys(ends, 0)
+        assigned = [TopicPartition(topic, p, 0) for p in ends]
+        consumer.assign(assigned)
         records = []
         deadline = time.monotonic() + 120
-        while any(seen[p] < end for p, end in ends.items()) and time.monotonic() < deadline:
+
+        def behind() -> bool:
+            # The position, not the last record's offset: a transaction's commit marker takes the last offset and
+            # is never handed out as a record.
+            positions = consumer.position([TopicPartition(topic, p) for p in ends])
+            return any(tp.offset < ends[tp.partition] for tp in positions if ends[tp.partition] > 0)
+
+        while behind() and time.monotonic() < deadline:
             msg = consumer.poll(0.5)
-            if msg is None or msg.error():
-                continue
-            records.append(msg)
-            seen[msg.partition()] = msg.offset() + 1
+            if msg is not None and not msg.error():
+                records.append(msg)
         return records
     finally:
         consumer.close()
@@ -171,9 +179,14 @@ def scores(value: bytes) -> dict[int, float | None]:
 
 def tally(bootstrap: str, results_topic: str, dlq_topic: str, good: set[str], bad: set[str], report: Report) -> None:
     by_job: dict[str, list[dict[int, float | None]]] = {}
-    for msg in read_all(bootstrap, results_topic):
+    results = read_all(bootstrap, results_topic)
+    dead = read_all(bootstrap, dlq_topic)
+    for msg in results:
         by_job.setdefault(msg.key().decode(), []).append(scores(msg.value()))
-    letters = Counter(msg.key().decode() for msg in read_all(bootstrap, dlq_topic))
+    letters = Counter(msg.key().decode() for msg in dead)
+    stamps = [msg.timestamp()[1] for msg in results + dead]
+    if len(stamps) > 1 and max(stamps) > min(stamps):
+        report.answers_per_s = round(len(stamps) / ((max(stamps) - min(stamps)) / 1000), 1)
     report.results = len(by_job)
     report.duplicates = sum(len(v) - 1 for v in by_job.values()) + sum(n - 1 for n in letters.values())
     report.dead_letters = len(letters)
@@ -188,7 +201,7 @@ def tally(bootstrap: str, results_topic: str, dlq_topic: str, good: set[str], ba
 
 
 def soak(args: argparse.Namespace, work_dir: Path) -> Report:
-    report = Report()
+    report = Report(delivery=args.delivery)
     started = time.monotonic()
     rng = random.Random(args.seed)
     broker = LocalBroker(work_dir)
@@ -206,6 +219,7 @@ def soak(args: argparse.Namespace, work_dir: Path) -> Report:
             "dlq_topic": dlq_topic,
             "group_id": f"soak{tag}",
             "kafka_startup_timeout_s": 120.0,
+            "delivery": args.delivery,
             "max_attempts": 8,  # the broker is down for about 10 s once: publishing waits it out
             "retry_max_ms": 4000,
         }
@@ -242,7 +256,7 @@ def soak(args: argparse.Namespace, work_dir: Path) -> Report:
             time.sleep(0.2)
             workers.restart_ended()
             now = time.monotonic()
-            if now >= next_kill:
+            if now >= next_kill and not args.no_faults:
                 victim = rng.randrange(2)
                 workers.kill_and_restart(victim)
                 print(f"soak: {now - started:.0f} s: SIGKILL worker {victim}, restarted", file=sys.stderr)
@@ -294,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drain-timeout-s", type=float, default=300.0, help="wait for answers after the last job")
     parser.add_argument("--model-dir", type=Path, default=None, help="model directory (default: the tiny model)")
     parser.add_argument("--work-dir", type=Path, default=None, help="broker data and worker logs (default: temp)")
+    parser.add_argument("--delivery", choices=["at_least_once", "exactly_once"], default="at_least_once")
+    parser.add_argument("--no-faults", action="store_true", help="no kills, no broker stop: throughput only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print the report as one JSON line")
     args = parser.parse_args(argv)
@@ -304,11 +320,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(asdict(report)))
     else:
         print(
-            f"jobs sent {report.jobs_sent} (+{report.malformed_sent} malformed), results {report.results}, "
+            f"{report.delivery}: jobs sent {report.jobs_sent} (+{report.malformed_sent} malformed), "
+            f"results {report.results}, "
             f"duplicates {report.duplicates}, dead letters {report.dead_letters}, lost {report.lost}, "
             f"wrong {len(report.wrong)}; largest score difference between duplicates "
             f"{report.max_duplicate_score_diff:.2g}; {report.kills} SIGKILLs, {report.broker_stops} broker stop; "
-            f"workers that exited on their own: {report.worker_exits or 'none'}; wall {report.wall_s:.0f} s"
+            f"workers that exited on their own: {report.worker_exits or 'none'}; {report.answers_per_s:g} answers/s; "
+            f"wall {report.wall_s:.0f} s"
         )
     if report.ok() and args.work_dir is None:
         shutil.rmtree(work_dir, ignore_errors=True)

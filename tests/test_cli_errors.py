@@ -28,7 +28,13 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     d = tmp_path_factory.mktemp("cli-errors")
     (d / "not-json.json").write_text("{not json")
     (d / "job.json").write_bytes(orjson.dumps({"job_id": "j", "query": "q", "documents": ["a"]}))
-    return {"not_json": str(d / "not-json.json"), "job": str(d / "job.json"), "missing": str(d / "missing.json")}
+    return {
+        "not_json": str(d / "not-json.json"),
+        "job": str(d / "job.json"),
+        "missing": str(d / "missing.json"),
+        "closed": str(closed_port()),
+        "hf_home": str(d / "hf-home"),  # an empty model cache
+    }
 
 
 @pytest.fixture
@@ -72,6 +78,12 @@ CASES = {
     "score, missing file": (("score", "--input", "{missing}"), {}, 2, ("No such file",)),
     "score, not JSON": (("score", "--input", "{not_json}"), {}, 1, ("not_json",)),
     "score, model path": (("score", "--input", "{job}", "--model", "/no/such/model"), {}, 3, ("does not exist",)),
+    "score, hub unreachable": (
+        ("score", "--input", "{job}", "--model", "Qwen/Qwen3-Reranker-0.6B"),
+        {"HF_ENDPOINT": "http://127.0.0.1:{closed}", "HF_HOME": "{hf_home}"},
+        3,
+        ("does not answer", "not in the local cache"),
+    ),
     "score, bad setting": (("score", "--input", "{job}"), {"RERANK_DEVICE": "gpu"}, 2, ("RERANK_DEVICE", "'gpu'")),
     "unknown setting": (("run",), {"RERANK_MAX_PACK_TOKEN": "4096"}, 2, ("RERANK_MAX_PACK_TOKENS",)),
     "replay, bad time": (("replay", "--from", "last tuesday"), {}, 2, ("--from",)),
@@ -87,6 +99,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_error_paths_exit_with_one_line(case: str, files: dict[str, str]) -> None:
     args, env, code, words = CASES[case]
+    env = {k: v.format(**files) for k, v in env.items()}
     one_line(rerank_worker(*(a.format(**files) for a in args), **env), code, *words)
 
 

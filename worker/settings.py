@@ -171,6 +171,14 @@ class Settings(BaseSettings):
         description="Compression of produced messages. `gzip` needs nothing else; `snappy`, `lz4` and `zstd` need "
         "the python-snappy, lz4 or zstandard package.",
     )
+    delivery: Literal["at_least_once", "exactly_once"] = Field(
+        "at_least_once",
+        description="`at_least_once`: a result is published, then its offset committed; a crash between the two "
+        "gives a second result for the job. `exactly_once`: each commit is one Kafka transaction holding results, "
+        "dead letters and offsets (transactional id `<RERANK_GROUP_ID>.<worker id>`: set RERANK_WORKER_ID to keep "
+        "it across restarts); consumers of the results and dead-letter topics must read with "
+        "`isolation.level=read_committed`. Replays stay at-least-once.",
+    )
     max_attempts: PositiveInt = Field(
         5,
         description="Tries of a transient failure (broker unavailable, produce timeout, CUDA out of memory) before "

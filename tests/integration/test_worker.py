@@ -323,8 +323,10 @@ def test_enqueue_command_waits_and_prints_a_ranked_table(
         assert queued.stdout.strip() == "cli-2"
         read_topic(kafka_bootstrap, topics.results, until=lambda rs: {r.key for r in rs} >= {b"cli-1", b"cli-2"})
     lines = out.stdout.strip().splitlines()
-    assert lines[0].startswith("job cli-1: 4 documents")
-    rows = [line.split() for line in lines[2:]]
+    assert lines[0].startswith("job cli-1: 4 of 4 documents; 1 blank, 0 duplicates scored once; scored in ")
+    assert lines[0].endswith(" ms on the CPU")
+    assert lines[1].startswith("model ")
+    rows = [line.split() for line in lines[3:]]
     assert [int(r[0]) for r in rows] == [1, 2, 3, 4]
     (expected,) = engine.score([ScoreRequest("what is a cat", docs)])
     for row in rows[:3]:

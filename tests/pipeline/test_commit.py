@@ -96,3 +96,34 @@ def test_abandoned_records_are_not_waited_for_and_never_committed() -> None:
     tracker.abandon("a", 12)  # done already: nothing changes
     assert tracker.done("a", 11)  # acknowledged after all: done
     assert tracker.committable() == {"a": 13}
+
+
+def test_exactly_once_sends_only_the_answered_run_from_the_watermark() -> None:
+    tracker: OffsetTracker[str] = OffsetTracker()
+    for offset in (10, 11, 13, 14):  # 12 is a transaction marker of the jobs topic: never read
+        tracker.add("p", offset)
+    assert tracker.answered_run("p", {11, 13}) == ([], 10)  # 10 has no answer yet: nothing may go out
+    assert tracker.answered_run("p", {10, 11, 14}) == ([10, 11], 13)
+    assert tracker.answered_run("p", {10, 11, 13, 14}) == ([10, 11, 13, 14], 15)
+    tracker.abandon("p", 13)  # given back in a rebalance: its answer, if any, is not this member's to send
+    assert tracker.answered_run("p", {10, 11, 13, 14}) == ([10, 11], 13)
+    assert tracker.is_pending("p", 10)
+    assert not tracker.is_pending("p", 13)
+    assert tracker.answered_run("unknown", {1}) == ([], 0)
+
+
+@given(
+    st.lists(st.integers(0, 60), min_size=1, max_size=40, unique=True),
+    st.data(),
+)
+def test_an_answered_run_never_skips_a_record(offsets: list[int], data: st.DataObject) -> None:
+    tracker: OffsetTracker[str] = OffsetTracker()
+    for offset in offsets:
+        tracker.add("p", offset)
+    answered = set(data.draw(st.lists(st.sampled_from(offsets), unique=True)))
+    run, end = tracker.answered_run("p", answered)
+    ordered = sorted(offsets)
+    assert run == ordered[: len(run)]  # a prefix, in order
+    assert set(run) <= answered
+    assert end == (ordered[len(run)] if len(run) < len(ordered) else ordered[-1] + 1)
+    assert len(run) == len(ordered) or ordered[len(run)] not in answered

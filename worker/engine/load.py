@@ -9,8 +9,11 @@ users of torch and transformers, besides the kernels they call.
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -40,7 +43,7 @@ def load_engine(
     """Load tokenizer and model from a hub name or a local directory and put an engine over them.
     `max_pack_tokens` None: 32768 on CUDA, 4096 on CPU. ValueError for settings that cannot work together, OSError
     for a model that cannot be found; both before the weights load."""
-    if problem := missing_model_directory(model):
+    if problem := missing_model_directory(model) or hub_unreachable(model):
         raise OSError(problem)
     hf_tokenizer = AutoTokenizer.from_pretrained(model)
     tokenizer = PromptTokenizer(
@@ -82,6 +85,30 @@ def missing_model_directory(model: str) -> str | None:
     if model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model:
         return f"model directory {model} does not exist"
     return None
+
+
+def hub_unreachable(model: str, timeout_s: float = 3.0) -> str | None:
+    """Why hub name `model` cannot be had now: the hub does not answer and the model is not in the local cache (None
+    otherwise, and for a local directory or HF_HUB_OFFLINE). Asked before anything loads: huggingface_hub would
+    retry for about 50 s, a log line per try, before saying the same."""
+    if Path(model).expanduser().exists() or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return None
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    endpoint = urlparse(constants.ENDPOINT)
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+        return None
+    except OSError as e:
+        why = e.strerror or str(e) or type(e).__name__
+    if isinstance(try_to_load_from_cache(model, "config.json"), str):
+        return None  # cached: huggingface_hub falls back to the cache
+    return (
+        f"the model hub ({constants.ENDPOINT}) does not answer ({why}) and {model} is not in the local cache: "
+        "set RERANK_MODEL to a local model directory"
+    )
 
 
 def load_scorer(

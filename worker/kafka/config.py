@@ -78,12 +78,17 @@ def consumer_kwargs(settings: Settings, *, client_id: str, group_id: str | None)
         "session_timeout_ms": settings.session_timeout_ms,
         "heartbeat_interval_ms": settings.heartbeat_interval_ms,
         "max_poll_interval_ms": settings.max_poll_interval_ms,
+        # Jobs produced in transactions count once committed; results of exactly-once workers likewise.
+        "isolation_level": "read_committed",
     }
 
 
-def producer_kwargs(settings: Settings, *, client_id: str) -> dict[str, Any]:
+def producer_kwargs(settings: Settings, *, client_id: str, transactional_id: str | None = None) -> dict[str, Any]:
+    """`transactional_id`: a transactional producer (RERANK_DELIVERY=exactly_once)."""
     request_timeout_ms = min(30000, settings.produce_timeout_ms)
+    extra: dict[str, Any] = {} if transactional_id is None else {"transactional_id": transactional_id}
     return {
+        **extra,
         **connection_kwargs(settings, client_id=client_id),
         "acks": "all",
         "enable_idempotence": True,

@@ -55,12 +55,21 @@ def ensure_topics(settings: Settings, partitions: Mapping[str, int], *, timeout_
         admin.close()
 
 
-def open_producer(settings: Settings, *, client_id: str) -> Any:
-    """The worker's producer (acks=all, idempotent, sized and compressed as configured), or FatalError."""
+def open_producer(settings: Settings, *, client_id: str, transactional_id: str | None = None) -> Any:
+    """The worker's producer (acks=all, idempotent, sized and compressed as configured), or FatalError. With
+    `transactional_id`, a transactional one, initialized: a producer left by an earlier run with that id is fenced
+    and its open transaction aborted."""
     try:
-        return KafkaProducer(**producer_kwargs(settings, client_id=client_id))
+        producer = KafkaProducer(**producer_kwargs(settings, client_id=client_id, transactional_id=transactional_id))
     except Exception as e:
         raise FatalError(f"cannot start the Kafka producer for {settings.bootstrap_servers}: {one_line(e)}") from e
+    if transactional_id is not None:
+        try:
+            producer.init_transactions()
+        except Exception as e:
+            producer.close(timeout=5)
+            raise FatalError(f"cannot start transactions as {transactional_id!r}: {one_line(e)}") from e
+    return producer
 
 
 def require_topics(settings: Settings, topics: Iterable[str], *, client_id: str) -> None:

@@ -68,6 +68,26 @@ class OffsetTracker(Generic[P]):
         state.abandoned.discard(offset)  # given up on, yet acknowledged after all: done is done
         return True
 
+    def is_pending(self, partition: P, offset: int) -> bool:
+        state = self._partitions.get(partition)
+        return state is not None and offset in state.pending
+
+    def answered_run(self, partition: P, answered: Iterable[int]) -> tuple[list[int], int]:
+        """Exactly-once: the pending offsets from the watermark up that are all `answered`, in order, and the offset
+        one past them (the next offset still waited for, or one past the highest seen). ([], watermark) when the
+        record at the watermark has no answer yet."""
+        state = self._partitions.get(partition)
+        if state is None:
+            return [], 0
+        have = set(answered)
+        waiting = sorted(state.pending | state.abandoned)
+        run: list[int] = []
+        for offset in waiting:
+            if offset not in have or offset in state.abandoned:
+                return run, offset
+            run.append(offset)
+        return run, state.next_offset if state.next_offset is not None else 0
+
     def abandon(self, partition: P, offset: int) -> None:
         """A pending record that will not be finished here (its partition is being revoked and it never reached the
         GPU): no longer waited for, but the watermark stays below it, so it is not committed."""

@@ -156,16 +156,21 @@ class Publisher(threading.Thread):
             )
 
     def finished(self, o: Outgoing) -> None:
-        if o.kind == "result":
-            self.metrics.jobs.inc(outcome="result")
-            self.metrics.documents.inc(o.documents)
-            log.info("result published", extra=job_fields(o.record, o.job_id, topic_out=o.topic))
-        else:
-            reason = o.failure.reason if o.failure else "unknown"
-            self.metrics.jobs.inc(outcome="dead_letter")
-            self.metrics.dead_letters.inc(reason=reason)
-            message = o.failure.message if o.failure else ""
-            log.warning(
-                "dead-lettered: %s", message, extra=job_fields(o.record, o.job_id, reason=reason, topic_out=o.topic)
-            )
+        report_published(o, self.metrics)
         self.outbox.acknowledged(o)
+
+
+def report_published(o: Outgoing, metrics: WorkerMetrics) -> None:
+    """Count and log an acknowledged (or, exactly-once, committed) result or dead letter."""
+    if o.kind == "result":
+        metrics.jobs.inc(outcome="result")
+        metrics.documents.inc(o.documents)
+        log.info("result published", extra=job_fields(o.record, o.job_id, topic_out=o.topic))
+    else:
+        reason = o.failure.reason if o.failure else "unknown"
+        metrics.jobs.inc(outcome="dead_letter")
+        metrics.dead_letters.inc(reason=reason)
+        message = o.failure.message if o.failure else ""
+        log.warning(
+            "dead-lettered: %s", message, extra=job_fields(o.record, o.job_id, reason=reason, topic_out=o.topic)
+        )

@@ -141,8 +141,10 @@ class Outgoing:
 @dataclass(frozen=True)
 class Finished:
     """A record back at the consumer thread: done (its answer acknowledged, or nothing to send), or, when
-    `given_back`, not scored here (its partition was revoked under `assignment`: the next owner reads it again)."""
+    `given_back`, not scored here (its partition was revoked under `assignment`: the next owner reads it again).
+    Exactly-once: `message` is its answer, not sent yet: it goes out in the transaction that commits its offset."""
 
     record: SourceRecord
     given_back: bool = False
     assignment: int = 0
+    message: Outgoing | None = None

@@ -12,8 +12,10 @@ different ends: a `GroupSource` and a `WorkerSink` (results and dead letters) ru
 and a `ReplaySink` (replay results, skips) run until the ranges are read and every job is finished.
 
 Delivery is at-least-once: a record is committed only once its result or dead letter is acknowledged, so a crash
-at any moment loses no job. Stop (SIGTERM, or the end of a range): stop fetching, let the GPU thread finish the
-batch in hand, publish it, commit; jobs never started are redelivered. Bounded by RERANK_SHUTDOWN_TIMEOUT_S.
+at any moment loses no job. With `transactional` (RERANK_DELIVERY=exactly_once) the answers skip the publisher
+thread and go out with their offsets in one transaction per commit (worker.pipeline.transact). Stop (SIGTERM, or
+the end of a range): stop fetching, let the GPU thread finish the batch in hand, publish it, commit; jobs never
+started are redelivered. Bounded by RERANK_SHUTDOWN_TIMEOUT_S.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from worker.pipeline.records import Failure, SourceRecord, WorkItem
 from worker.pipeline.score import Scorer
 from worker.pipeline.sink import Outbox, Sink
 from worker.pipeline.tokenize import Tokenizer
+from worker.pipeline.transact import Transactions
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -65,6 +68,7 @@ class Pipeline:
         name: str = "worker",
         fatal: Fatal | None = None,
         started: threading.Event | None = None,
+        transactional: bool = False,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -79,7 +83,7 @@ class Pipeline:
         self.last_turn = time.monotonic()
         self._last_observe = 0.0
 
-        self.outbox = Outbox(sink, self.fatal)
+        self.outbox = Outbox(sink, self.fatal, transactional=transactional)
         self.work: queue.Queue[WorkItem] = queue.Queue(maxsize=settings.max_queued_jobs)
         self.tokenizer = Tokenizer(engine, self.work)
         self.batcher = Batcher(
@@ -93,6 +97,11 @@ class Pipeline:
         self.scorer = Scorer(engine, self.batcher, self.outbox, settings, metrics, self.fatal)
         self.publisher = Publisher(producer, self.outbox, settings, metrics, self.fatal)
         self.committer = Committer(source.consumer, metrics)
+        self.transactions = (
+            Transactions(producer, self.committer.tracker, sink, settings, metrics, self.fatal)
+            if transactional
+            else None
+        )
         source.bind(self)
 
     @property
@@ -174,14 +183,21 @@ class Pipeline:
             except queue.Empty:
                 return taken
             tp = f.record.tp
-            if not f.given_back:
+            if f.message is not None and self.transactions is not None:
+                self.transactions.hold(f)  # done once its transaction commits
+                taken += 1
+            elif not f.given_back:
                 self.tracker.done(tp, f.record.offset)
                 taken += 1
             elif self.source.ownership.assignment(tp) == f.assignment:  # not a stale copy of a job since read again
                 self.tracker.abandon(tp, f.record.offset)
 
     def commit(self) -> None:
-        self.committer.commit(tp for tp in self.tracker.partitions() if tp in self.source.ownership.owned)
+        owned = [tp for tp in self.tracker.partitions() if tp in self.source.ownership.owned]
+        if self.transactions is not None:
+            self.transactions.commit(owned, self.source.consumer.group_metadata)
+        else:
+            self.committer.commit(owned)
 
     def observe(self) -> None:
         now = time.monotonic()
@@ -206,7 +222,20 @@ class Pipeline:
         given_up = self.tokenizer.give_up(partitions)
         for item in given_up:
             self.tracker.abandon(item.record.tp, item.record.offset)
-        if commit and not self.closing:
+        if self.transactions is not None:
+            # No transaction can run on kafka-python's IO thread, which calls this: answers held for these
+            # partitions were never sent, and the next owner answers their jobs again.
+            dropped = self.transactions.drop(partitions)
+            log.info(
+                "partitions revoked" if commit else "partitions lost",
+                extra={
+                    "partitions": show(partitions),
+                    "answers_dropped": dropped,
+                    "given_up": len(given_up),
+                    "redelivered": self.tracker.in_flight(partitions) + len(given_up),
+                },
+            )
+        elif commit and not self.closing:
             s = self.settings
             deadline = time.monotonic() + min(s.revoke_timeout_s, s.session_timeout_ms / 2000)
             self.take_finished()  # what was acknowledged already, even with nothing left to wait for

@@ -169,13 +169,21 @@ class ReplaySink:
 
 class Outbox:
     """Applies the sink for every stage: `messages` is the publisher thread's queue (None closes it), `finished`
-    the consumer thread's."""
+    the consumer thread's. `transactional` (exactly-once): messages go to the consumer thread with their record
+    instead, to be sent in the transaction that commits the record's offset (worker.pipeline.transact)."""
 
-    def __init__(self, sink: Sink, fatal: Fatal) -> None:
+    def __init__(self, sink: Sink, fatal: Fatal, *, transactional: bool = False) -> None:
         self.sink = sink
         self.fatal = fatal
+        self.transactional = transactional
         self.messages: queue.Queue[Outgoing | None] = queue.Queue()
         self.finished: queue.Queue[Finished] = queue.Queue()
+
+    def send(self, message: Outgoing) -> None:
+        if self.transactional:
+            self.finished.put(Finished(message.record, message=message))
+        else:
+            self.messages.put(message)
 
     def result(self, item: WorkItem, scored: JobScores, engine: EngineInfo) -> None:
         """Queue a scored job's result; a result that cannot be written rejects the job instead."""
@@ -187,7 +195,7 @@ class Outbox:
                 failure = replace(failure, error_class=error_class(e.__cause__))
             self.reject(item.record, failure, item.job.job_id)
             return
-        self.messages.put(message)
+        self.send(message)
 
     def reject(self, record: SourceRecord, failure: Failure, job_id: str | None) -> None:
         try:
@@ -198,7 +206,7 @@ class Outbox:
         if letter is None:
             self.finished.put(Finished(record))
         else:
-            self.messages.put(letter)
+            self.send(letter)
 
     def acknowledged(self, message: Outgoing) -> None:
         self.finished.put(Finished(message.record))

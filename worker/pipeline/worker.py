@@ -163,7 +163,8 @@ class Worker:
         """The pipeline, and the stack that closes its clients; on failure nothing is left open."""
         s = self.settings
         with ExitStack() as stack:
-            producer = open_producer(s, client_id=f"{self.worker_id}-producer")
+            transactional_id = f"{s.group_id}.{self.worker_id}" if s.delivery == "exactly_once" else None
+            producer = open_producer(s, client_id=f"{self.worker_id}-producer", transactional_id=transactional_id)
             stack.callback(self._close_producer, producer)
             require_topics(s, self.topics, client_id=f"{self.worker_id}-producer")
             consumer = KafkaConsumer(**consumer_kwargs(s, client_id=f"{self.worker_id}-consumer", group_id=s.group_id))
@@ -200,6 +201,7 @@ class Worker:
             metrics=self.metrics,
             fatal=self.fatal_error,
             started=self.started,
+            transactional=s.delivery == "exactly_once",
         )
         return pipeline
 
