@@ -223,7 +223,8 @@ def ranked_table(result: Any, job: Any, width: int = 60) -> str:
         model += " (RANDOM WEIGHTS: the scores are meaningless)"
     lines = [
         f"job {result.job_id}: {len(result.results)} of {meta.input_docs} documents{cut}; {blank} blank, "
-        f"{duplicates} duplicates scored once; scored in {meta.elapsed_ms:.1f} ms on the {where}",
+        f"{duplicates} duplicate{'' if duplicates == 1 else 's'} scored once; scored in {meta.elapsed_ms:.1f} ms on "
+        f"the {where}",
         model,
         f"{'rank':>4}  {'score':>8}  {'index':>5}  {'id':<12}  document",
     ]
