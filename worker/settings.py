@@ -239,6 +239,13 @@ class Settings(BaseSettings):
         "`/healthz` alive, `/readyz` not ready). Then it exits 4. A refusal that waiting cannot change (wrong "
         "password, failed TLS handshake, a topic that does not exist) exits 4 at once.",
     )
+    stall_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        300.0,
+        description="`/healthz` fails (and a liveness probe restarts the worker) when the GPU thread has not "
+        "finished its batch for this long: a hung driver or a deadlock. A batch takes well under a second on a GPU "
+        "(a few seconds with out-of-memory retries); on a CPU a batch of large jobs with the full-size model can "
+        "take minutes: raise it there.",
+    )
     http_host: str = Field("0.0.0.0", description="Address of the health and metrics server.")
     http_port: Annotated[int, Field(ge=0, le=65535)] = Field(
         8080, description="Port of `/healthz`, `/readyz` and `/metrics`; 0 picks a free port (logged at start)."

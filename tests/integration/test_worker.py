@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -334,3 +336,59 @@ def test_enqueue_command_waits_and_prints_a_ranked_table(
         assert abs(score - (expected.scores[index] or 0.0)) <= 1e-6
     assert rows[3][1] == "-"
     assert int(rows[3][2]) == 2
+
+
+class Hangs:
+    """An engine whose device hangs: `submit` blocks until `release` is set (on CPU the forward runs inside it)."""
+
+    def __init__(self, inner: RerankEngine) -> None:
+        self.inner = inner
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    @property
+    def info(self) -> Any:
+        return self.inner.info
+
+    def prepare(self, request: ScoreRequest) -> PreparedJob:
+        return self.inner.prepare(request)
+
+    def submit(self, jobs: Any, *, batch_started: float | None = None) -> Any:
+        self.entered.set()
+        self.release.wait(120)
+        return self.inner.submit(jobs, batch_started=batch_started)
+
+    def with_max_pack_tokens(self, budget: int) -> Any:
+        return self
+
+
+def test_healthz_fails_when_the_gpu_thread_hangs_and_says_where(
+    kafka_bootstrap: str,
+    topics: Topics,
+    make_settings: Callable[..., Settings],
+    engine: RerankEngine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = make_settings(stall_timeout_s=2.0)
+    hangs = Hangs(engine)
+    with worker_thread(settings, hangs) as worker, RerankClient(settings) as client:
+        assert worker.alive()
+        client.submit({"job_id": "hung", "query": "q", "documents": ["a", "b"]})
+        assert hangs.entered.wait(60)
+        deadline = time.monotonic() + 30
+        while worker.alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not worker.alive(), "/healthz still passes with the GPU thread hung"
+        with urllib.request.urlopen(f"http://127.0.0.1:{worker.http_port}/readyz", timeout=5) as resp:
+            assert resp.status == 200  # ready stays as it is: only liveness restarts a stuck worker
+        stuck = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stuck:")]
+        assert len(stuck) == 1
+        assert "stage score" in stuck[0]
+        assert "RERANK_STALL_TIMEOUT_S=2" in stuck[0]
+        hangs.release.set()  # the device comes back: the job is answered and the worker is alive again
+        outcome = client.wait(["hung"], timeout_s=60)["hung"]
+        assert not isinstance(outcome, DeadLettered)
+        deadline = time.monotonic() + 10
+        while not worker.alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert worker.alive()

@@ -82,6 +82,7 @@ class Pipeline:
         self.closing = False
         self.last_turn = time.monotonic()
         self._last_observe = 0.0
+        self.stall: str | None = None  # set by observe(): why the GPU thread looks stuck
 
         self.outbox = Outbox(sink, self.fatal, transactional=transactional)
         self.work: queue.Queue[WorkItem] = queue.Queue(maxsize=settings.max_queued_jobs)
@@ -199,11 +200,29 @@ class Pipeline:
         else:
             self.committer.commit(owned)
 
+    def stalled(self, now: float | None = None) -> str | None:
+        """Why the GPU thread looks stuck (a batch has not finished for RERANK_STALL_TIMEOUT_S: a hung driver, a
+        deadlock), or None. While idle the thread turns at least every 0.1 s, so only a batch that does not end
+        trips it."""
+        if self.closing or not self.scorer.is_alive():
+            return None
+        quiet = (time.monotonic() if now is None else now) - self.scorer.progress_at
+        if quiet <= self.settings.stall_timeout_s:
+            return None
+        return (
+            f"stage score (the GPU thread) has not finished its batch for {quiet:.0f} s "
+            f"(RERANK_STALL_TIMEOUT_S={self.settings.stall_timeout_s:g}); {self.work.qsize()} jobs wait behind it"
+        )
+
     def observe(self) -> None:
         now = time.monotonic()
         if now - self._last_observe < OBSERVE_EVERY_S:
             return
         self._last_observe = now
+        stall = self.stalled(now)
+        if stall and not self.stall:
+            log.error("stuck: %s; /healthz now fails so that the worker is restarted", stall)
+        self.stall = stall
         self.metrics.in_flight.set(self.tracker.in_flight())
         self.metrics.queued.set(self.tokenizer.waiting)
         for tp in self.source.ownership.owned:

@@ -82,6 +82,9 @@ class Scorer(threading.Thread):
         # set: finish the batches in hand (the one being scored, and one already queued behind it), start no other
         self.stopping = batcher.stopping
         self.busy = threading.Event()  # set while a batch is queued on the device or being scored
+        # When the thread last showed it was not stuck: each idle turn (at least every 0.1 s), each batch taken and
+        # each batch scored. Read by the consumer thread for liveness (Pipeline.stalled).
+        self.progress_at = time.monotonic()
         self._abandoned: list[WorkItem] = []  # queued when a fatal error stopped the thread
         self._failed_alone = 0
 
@@ -94,10 +97,12 @@ class Scorer(threading.Thread):
         in_flight: InFlight | None = None
         try:
             while not self.fatal.is_set():
+                self.progress_at = time.monotonic()
                 if in_flight is None:
                     if self.stopping.is_set():
                         return
                     batch = self.batcher.gather()
+                    self.progress_at = time.monotonic()
                     in_flight = self.submit(batch) if batch else None
                     continue
                 self.busy.set()

@@ -208,9 +208,14 @@ class Worker:
     # -- health ---------------------------------------------------------------------------------------------------
 
     def alive(self) -> bool:
+        """False once a fatal error happened, the consumer loop has not turned for STUCK_AFTER_S, or the GPU thread
+        has not finished a batch for RERANK_STALL_TIMEOUT_S (the log says which)."""
         if self.fatal_error.is_set():
             return False
-        return self.pipeline is None or time.monotonic() - self.pipeline.last_turn < STUCK_AFTER_S
+        pipeline = self.pipeline
+        if pipeline is None:
+            return True
+        return time.monotonic() - pipeline.last_turn < STUCK_AFTER_S and pipeline.stall is None
 
     def ready(self) -> bool:
         return self.pipeline is not None and self.pipeline.ready()
