@@ -65,8 +65,8 @@ VOLUME ["/models"]
 WORKDIR /home/rerank
 USER ${UID}:${UID}
 EXPOSE 8080
-# /healthz answers once the model is loaded and the consumer loop turns; the start period covers the first model
-# download. urllib raises on 503 (a stuck loop), so the check fails then. No curl in the image.
+# /healthz answers 200 from the start (also while Kafka is waited for and the model downloads) and 503 once the
+# consumer loop or the GPU thread is stuck: urllib raises on 503, so the check fails then. No curl in the image.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
     CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % (os.environ.get('RERANK_HTTP_PORT') or '8080'), timeout=4)"]
 # SIGTERM (docker stop, Kubernetes): the worker finishes the batch in hand, commits and exits 0 within
