@@ -46,8 +46,10 @@ _FATAL = (
     kafka_errors.TransactionCoordinatorFencedError,
     kafka_errors.AuthorizationError,
 )
-# The group moved on (a rebalance under way, this member's generation is old): abort, and let the rebalance revoke.
+# The group moved on (a rebalance under way, this member's generation is old), or the broker asks for an abort:
+# abort, try again later (a rebalance meanwhile revokes what this member may no longer commit).
 _GROUP_MOVED = (
+    kafka_errors.TransactionAbortableError,
     kafka_errors.CommitFailedError,
     kafka_errors.IllegalGenerationError,
     kafka_errors.UnknownMemberIdError,
