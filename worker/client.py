@@ -114,12 +114,16 @@ class RerankClient:
         """Start reading `topic` from its current end (before sending jobs whose results land there)."""
         if topic in self._readers:
             return
-        if self._catalog.exists(topic) is False:  # the producer would wait its max_block_ms for its metadata
-            try:  # a broker with auto.create.topics.enable creates it, as a worker's first result would
-                require_topics(self.settings, [topic], client_id=f"{self.client_id}-topics")
-            except FatalError:
+        # A topic that does not exist would have the producer wait its max_block_ms for metadata; a broker with
+        # auto.create.topics.enable creates it, as a worker's first result would.
+        try:
+            require_topics(self.settings, [topic], client_id=f"{self.client_id}-topics", catalog=self._catalog)
+        except FatalError as e:
+            if e.__cause__ is None:  # it does not exist and was not created
                 log.warning("not reading %s: the topic does not exist (its jobs will be dead-lettered)", topic)
                 return
+            log.warning("cannot look up topic %r: %s", topic, e)  # the producer's own metadata wait decides
+            self._catalog.close()  # a fresh connection next time
         partitions = self.producer.partitions_for(topic)
         reader = KafkaConsumer(**consumer_kwargs(self.settings, client_id=f"{self.client_id}-reader", group_id=None))
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]

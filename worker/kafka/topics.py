@@ -72,21 +72,24 @@ def open_producer(settings: Settings, *, client_id: str, transactional_id: str |
     return producer
 
 
-def require_topics(settings: Settings, topics: Iterable[str], *, client_id: str) -> None:
+def require_topics(
+    settings: Settings, topics: Iterable[str], *, client_id: str, catalog: TopicCatalog | None = None
+) -> None:
     """Return when every topic exists; FatalError (raised from nothing) naming one that does not.
 
-    Asked without creating anything; a topic that is missing is then named once to a producer, as a producer's first
-    send would name it, so that a broker with `auto.create.topics.enable` creates it (within AUTO_CREATE_WAIT_MS).
-    Errors reaching the cluster are raised as a FatalError from them (worker.kafka.startup decides from the cause
-    whether to wait).
+    Asked without creating anything (through `catalog` when given, else a catalog of its own, closed after); a topic
+    that is missing is then named once to a producer, as a producer's first send would name it, so that a broker
+    with `auto.create.topics.enable` creates it (within AUTO_CREATE_WAIT_MS). Errors reaching the cluster are raised
+    as a FatalError from them (worker.kafka.startup decides from the cause whether to wait).
     """
-    catalog = TopicCatalog(settings, client_id=client_id)
+    asking = catalog or TopicCatalog(settings, client_id=client_id)
     try:
-        missing = [topic for topic in topics if not catalog.lookup(topic)]
+        missing = [topic for topic in topics if not asking.lookup(topic)]
     except Exception as e:
         raise FatalError(f"cannot look up topics on {settings.bootstrap_servers}: {one_line(e)}") from e
     finally:
-        catalog.close()
+        if catalog is None:
+            asking.close()
     if not missing:
         return
     producer = KafkaProducer(**{**producer_kwargs(settings, client_id=client_id), "max_block_ms": AUTO_CREATE_WAIT_MS})
