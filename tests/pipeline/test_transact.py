@@ -43,6 +43,7 @@ class Producer:
         self.calls: list[str] = []
         self.sending: list[tuple[str, bytes | None]] = []
         self.committed: list[list[tuple[str, bytes | None]]] = []
+        self.headers: dict[bytes | None, dict[str, bytes]] = {}
 
     def begin_transaction(self) -> None:
         self.calls.append("begin")
@@ -50,6 +51,7 @@ class Producer:
 
     def send(self, topic: str, *, key: bytes | None, value: bytes | None, headers: Any) -> Sent:
         self.sending.append((topic, key))
+        self.headers[key] = dict(headers or [])
         error = kafka_errors.MessageSizeTooLargeError() if topic in self.too_large else None
         return Sent(error)
 
@@ -158,6 +160,8 @@ def test_a_result_too_large_for_its_topic_becomes_its_dead_letter() -> None:
     assert transactions.commit([TP], lambda: "group") == 0  # aborted, the result replaced
     assert transactions.commit([TP], lambda: "group") == 2
     assert producer.committed == [[(SETTINGS.dlq_topic, b"j0"), ("elsewhere", b"j1")]]
+    assert producer.headers[b"j0"]["rerank.error.reason"] == b"result_too_large"
+    assert producer.headers[b"j0"]["rerank.error.class"].endswith(b"MessageSizeTooLargeError")
     assert not fatal.is_set()
 
 

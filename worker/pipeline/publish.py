@@ -139,11 +139,7 @@ class Publisher(threading.Thread):
             return
         fields = job_fields(o.record, o.job_id, topic_out=o.topic, attempts=attempts)
         if o.kind == "result":
-            failure = Failure.of(error, stage="publish", attempts=attempts)
-            if is_too_large(error):
-                failure = Failure(
-                    "result_too_large", "permanent", "publish", failure.error_class, failure.message, attempts
-                )
+            failure = result_failure(error, attempts)
             log.warning("result not published (%s): rejecting the job", one_line(error), extra=fields)
             self.outbox.reject(o.record, failure, o.job_id)
         elif is_too_large(error) and (smaller := smaller_dead_letter(o)) is not None:
@@ -158,6 +154,15 @@ class Publisher(threading.Thread):
     def finished(self, o: Outgoing) -> None:
         report_published(o, self.metrics)
         self.outbox.acknowledged(o)
+
+
+def result_failure(error: BaseException, attempts: int) -> Failure:
+    """Why a result could not be published, for its job's dead letter: `result_too_large` (permanent) when its topic
+    refused it as too large."""
+    failure = Failure.of(error, stage="publish", attempts=attempts)
+    if is_too_large(error):
+        failure = Failure("result_too_large", "permanent", "publish", failure.error_class, failure.message, attempts)
+    return failure
 
 
 def report_published(o: Outgoing, metrics: WorkerMetrics) -> None:

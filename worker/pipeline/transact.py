@@ -29,10 +29,10 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from worker.pipeline.commit import OffsetTracker, show
 from worker.pipeline.deadletter import smaller_dead_letter
-from worker.pipeline.errors import Fatal, PermanentError, is_too_large, is_transient, one_line
+from worker.pipeline.errors import Fatal, is_too_large, is_transient, one_line
 from worker.pipeline.metrics import WorkerMetrics
-from worker.pipeline.publish import report_published
-from worker.pipeline.records import Failure, Finished, Outgoing
+from worker.pipeline.publish import report_published, result_failure
+from worker.pipeline.records import Finished, Outgoing
 from worker.pipeline.sink import Sink
 from worker.settings import Settings
 
@@ -149,10 +149,10 @@ class Transactions:
                 "after a restart (another worker with this transactional id fences this one)"
             )
             return
-        too_large = [m for m, f in sent if f.is_done and f.failed() and is_too_large(f.exception)]
+        too_large = [(m, f.exception) for m, f in sent if f.is_done and f.failed() and is_too_large(f.exception)]
         if too_large:
-            for m in too_large:
-                self._replace(m)
+            for m, refusal in too_large:
+                self._replace(m, refusal)
             return  # tried again at once, without the message that broke it
         if not (isinstance(error, _GROUP_MOVED) or is_transient(error)):
             self.fatal.fail(f"exactly-once transaction failed: {one_line(error)}; its jobs are read again")
@@ -184,14 +184,13 @@ class Transactions:
             return False
         return True
 
-    def _replace(self, message: Outgoing) -> None:
-        """A message its topic refuses as too large: a result becomes its job's dead letter, a dead letter a
-        smaller one (without the original value, then without its headers)."""
+    def _replace(self, message: Outgoing, refusal: BaseException) -> None:
+        """A message its topic refuses as too large: a result becomes its job's dead letter (as the at-least-once
+        publisher does it), a dead letter a smaller one (without the original value, then without its headers)."""
         tp, offset = message.record.tp, message.record.offset
         if message.kind == "result":
-            error = PermanentError("result_too_large", f"result refused by {message.topic} as too large")
-            letter = self.sink.reject(message.record, Failure.of(error, stage="publish"), message.job_id)
-            replacement = letter
+            failure = result_failure(refusal, attempts=1)
+            replacement = self.sink.reject(message.record, failure, message.job_id)
         else:
             replacement = smaller_dead_letter(message)
         if replacement is None:
