@@ -24,7 +24,7 @@ def letter_of(
     record = SourceRecord("jobs", 2, 40 + offset, ts - 5, 0, key, value, own_headers)
     failure = Failure(reason, "permanent", "validate", "worker.engine.errors.InvalidJobError", f"bad {reason}")
     out = dead_letter(record, failure, topic="dlq", group_id="g", worker_id="w1", model="m", job_id=None)
-    return DeadLetter("dlq", 0, offset, ts, out.key, out.value, tuple(out.headers))
+    return DeadLetter("dlq", 0, offset, ts, 0, out.key, out.value, tuple(out.headers))
 
 
 def test_a_dead_letter_says_why_and_where_from() -> None:
@@ -42,8 +42,8 @@ def test_a_dead_letter_says_why_and_where_from() -> None:
     assert data["stage"] == "validate"
     assert data["time"] == "2026-11-28T10:00:00.000Z"
     orjson.dumps(data)
-    assert DeadLetter("dlq", 0, 1, -1, None, b"", ()).reason == "unknown"
-    assert DeadLetter("dlq", 0, 1, -1, None, b"", ()).job_id is None
+    assert DeadLetter("dlq", 0, 1, -1, 0, None, b"", ()).reason == "unknown"
+    assert DeadLetter("dlq", 0, 1, -1, 0, None, b"", ()).job_id is None
 
 
 def test_requeue_headers_are_the_jobs_own_plus_where_it_came_from() -> None:
@@ -90,7 +90,7 @@ def test_summary_counts_every_letter_and_keeps_the_newest() -> None:
 
 
 def test_requeue_report() -> None:
-    dropped = DeadLetter("dlq", 0, 3, T0, b"k", b"", (("rerank.original.value.dropped", b"99"),))
+    dropped = DeadLetter("dlq", 0, 3, T0, 0, b"k", b"", (("rerank.original.value.dropped", b"99"),))
     assert dropped.value_dropped
     report = RequeueReport("dlq", "jobs", dry_run=True)
     report.items = [Requeued(letter_of(1, "not_json")), Requeued(dropped, skipped="its value was dropped")]

@@ -10,7 +10,7 @@ Plain data, no Kafka calls and no thread of their own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from kafka.structs import TopicPartition
 
@@ -38,7 +38,7 @@ class SourceRecord:
     headers: tuple[tuple[str, bytes], ...] = ()
 
     @classmethod
-    def from_consumer_record(cls, record: Any) -> SourceRecord:
+    def from_consumer_record(cls, record: Any) -> Self:
         return cls(
             topic=record.topic,
             partition=record.partition,

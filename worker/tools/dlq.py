@@ -31,6 +31,7 @@ from worker.kafka.config import consumer_kwargs
 from worker.kafka.topics import open_producer, require_topics
 from worker.pipeline.deadletter import REPLACED, VALUE_DROPPED, header_map
 from worker.pipeline.errors import FatalError, one_line
+from worker.pipeline.records import SourceRecord
 from worker.settings import Settings
 from worker.tools.times import format_time
 
@@ -40,36 +41,13 @@ REQUEUED_FROM = "rerank.requeued.from"
 
 
 @dataclass(frozen=True)
-class DeadLetter:
-    """One record of the dead-letter topic."""
-
-    topic: str
-    partition: int
-    offset: int
-    timestamp: int
-    key: bytes | None
-    value: bytes | None
-    headers: tuple[tuple[str, bytes], ...] = ()
-
-    @classmethod
-    def from_consumer_record(cls, record: Any) -> DeadLetter:
-        return cls(
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            timestamp=record.timestamp if record.timestamp is not None else -1,
-            key=record.key,
-            value=record.value,
-            headers=tuple(record.headers or ()),
-        )
+class DeadLetter(SourceRecord):
+    """One record of the dead-letter topic: a record like any other (`where`, `from_consumer_record`), read for the
+    worker's `rerank.*` headers."""
 
     @property
     def h(self) -> dict[str, str]:
         return header_map(list(self.headers))
-
-    @property
-    def where(self) -> str:
-        return f"{self.topic}[{self.partition}]@{self.offset}"
 
     @property
     def reason(self) -> str:
@@ -81,8 +59,8 @@ class DeadLetter:
 
     @property
     def job_id(self) -> str | None:
-        """The key as text: the worker dead-letters with the job's original key, which producers set to job_id."""
-        return self.key.decode("utf-8", "replace") if self.key else None
+        """The worker dead-letters with the job's original key, which producers set to job_id."""
+        return self.key_text
 
     @property
     def original_where(self) -> str:
