@@ -96,8 +96,8 @@ class Worker:
                 try:
                     self.serve_health(stack)
                     self.check_cluster()
-                    if self._engine is None:
-                        self._engine = self._load() if self._load is not None else None
+                    if self._engine is None and self._load is not None:
+                        self._engine = self._load()
                     pipeline, clients = reach(
                         self.settings, self.open, what="opening the Kafka clients", stopping=self.stopping
                     )
