@@ -16,5 +16,8 @@ class ScoresAtResult:
         score_prepared = self.score_prepared  # type: ignore[attr-defined]
         num_packs = len(self.inner.plan_packs(jobs))  # type: ignore[attr-defined]
         return SimpleNamespace(
-            result=partial(score_prepared, jobs, batch_started=batch_started), fully_queued=True, num_packs=num_packs
+            result=partial(score_prepared, jobs, batch_started=batch_started),
+            fully_queued=True,
+            num_packs=num_packs,
+            passes=[],
         )

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 import pytest
 from kafka.admin import KafkaAdminClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.engine_wrappers import ScoresAtResult
 from tests.integration.conftest import (
@@ -39,6 +40,7 @@ from worker.engine.api import JobScores, PreparedJob, ScoreRequest
 from worker.engine.engine import RerankEngine
 from worker.kafka.topics import ensure_topics
 from worker.pipeline.deadletter import header_map
+from worker.pipeline.metrics import package_version
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -57,7 +59,7 @@ def test_many_jobs_get_the_scores_of_the_score_command(
     with worker_thread(settings, engine) as worker, RerankClient(settings) as client:
         ids = client.submit_many(jobs, correlation_id="batch-7")
         outcomes = client.wait(ids, timeout_s=180)
-        batches = worker.metrics.batch_seconds.count
+        batches = worker.metrics.sample("rerank_batch_seconds_count")
     assert all(not isinstance(o, DeadLettered) for o in outcomes.values()), outcomes
     assert batches < len(jobs), "jobs were not batched together"
     for job in jobs:
@@ -161,9 +163,77 @@ def test_malformed_messages_are_dead_lettered_with_their_headers(
         assert h["rerank.worker.id"] == "w-dlq"
         assert h["rerank.model"] == engine.info.model
         assert h["trace-id"] == f"t-{key}"  # the job's own headers travel along
-        assert metrics.dead_letters.value(reason=h["rerank.error.reason"]) >= 1
-    assert metrics.jobs.value(outcome="dead_letter") == len(cases)
-    assert metrics.jobs.value(outcome="result") == 2
+        assert metrics.sample("rerank_dead_letters_total", reason=h["rerank.error.reason"]) >= 1
+    assert metrics.sample("rerank_jobs_total", outcome="dead_letter") == len(cases)
+    assert metrics.sample("rerank_jobs_total", outcome="result") == 2
+
+
+def test_metrics_scrape_after_real_jobs(
+    kafka_bootstrap: str, topics: Topics, make_settings: Callable[..., Settings], engine: RerankEngine
+) -> None:
+    """/metrics of a worker that answered real jobs, read over HTTP and parsed by prometheus_client's parser: every
+    job is counted once by outcome, timed from its record's timestamp, and its stages observed."""
+    settings = make_settings(worker_id="w-metrics")
+    jobs = make_jobs(6, min_docs=1, max_docs=12, seed=3)
+    with worker_thread(settings, engine) as worker, RerankClient(settings) as client:
+        produce(kafka_bootstrap, topics.jobs, [(b"bad", b"{not json", [])])
+        outcomes = client.wait(client.submit_many(jobs), timeout_s=120)
+        deadline = time.monotonic() + 30  # the client can read a result before the worker's producer is told
+        while worker.metrics.sample("rerank_jobs_total", outcome="dead_letter") < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with urllib.request.urlopen(f"http://127.0.0.1:{worker.http_port}/metrics", timeout=5) as resp:
+            content_type = resp.headers["Content-Type"]
+            text = resp.read().decode()
+    assert all(not isinstance(o, DeadLettered) for o in outcomes.values())
+    assert content_type.startswith("text/plain; version=0.0.4")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+    def sample(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    documents = sum(len(job["documents"]) for job in jobs)
+    assert sample("rerank_jobs_total", outcome="result") == len(jobs)
+    assert sample("rerank_jobs_total", outcome="dead_letter") == 1
+    assert sample("rerank_dead_letters_total", reason="not_json") == 1
+    assert sample("rerank_documents_total") == documents
+    assert sample("rerank_job_latency_seconds_count", outcome="result") == len(jobs)
+    assert sample("rerank_job_latency_seconds_bucket", outcome="result", le="+Inf") == len(jobs)
+    assert 0 < sample("rerank_job_latency_seconds_sum", outcome="result") < 120 * len(jobs)
+    assert sample("rerank_job_latency_seconds_count", outcome="dead_letter") == 1
+    assert sample("rerank_publish_seconds_count") == len(jobs) + 1
+    assert sample("rerank_queue_wait_seconds_count") == len(jobs)
+    assert sample("rerank_tokenize_seconds_count") == len(jobs)
+    assert sample("rerank_job_documents_count") == len(jobs)
+    assert sample("rerank_job_documents_sum") == documents
+    batches = sample("rerank_batch_seconds_count")
+    assert 1 <= batches <= len(jobs)
+    assert sample("rerank_batch_jobs_count") == batches
+    assert sample("rerank_batch_jobs_sum") == len(jobs)
+    passes = sample("rerank_gpu_seconds_count")
+    assert passes >= batches
+    assert sample("rerank_pass_fill_ratio_count") == passes
+    assert 0 < sample("rerank_pass_fill_ratio_sum") <= passes
+    assert sample("rerank_tokens_total") > 0
+    assert sample("rerank_commits_total", result="ok") >= 1
+    assert sample("rerank_ready") == 1
+    assert sample("rerank_assigned_partitions") > 0
+    info = engine.info
+    assert (
+        sample(
+            "rerank_build_info",
+            version=package_version(),
+            model=info.model,
+            dtype=info.dtype,
+            attention=info.attention,
+            device=info.device,
+        )
+        == 1
+    )
+    assert sample("process_resident_memory_bytes") > 0
 
 
 def test_reply_topic_allowlist(
@@ -277,14 +347,16 @@ def test_a_batch_longer_than_max_poll_interval_causes_no_rebalance(
         deadline = time.monotonic() + 60
         results: list[Any] = []
         while len(answered(results)) < len(jobs) and time.monotonic() < deadline:
-            paused_seen = paused_seen or worker.metrics.paused.value() == 1
+            paused_seen = paused_seen or worker.metrics.sample("rerank_consumer_paused") == 1
             results = read_topic(kafka_bootstrap, topics.results, timeout_s=5)
             time.sleep(0.2)
         assert sorted(answered(results)) == sorted(j["job_id"] for j in jobs)
-        assert worker.metrics.revoked.value() == 0  # never left the group, never lost a partition
-        assert worker.metrics.assigned.value() == 4
-        assert worker.metrics.batch_seconds.count >= 2
-        assert worker.metrics.commits.value(result="failed") == 0
+        assert (
+            worker.metrics.sample("rerank_partitions_revoked_total") == 0
+        )  # never left the group, never lost a partition
+        assert worker.metrics.sample("rerank_assigned_partitions") == 4
+        assert worker.metrics.sample("rerank_batch_seconds_count") >= 2
+        assert worker.metrics.sample("rerank_commits_total", result="failed") == 0
     assert paused_seen, "the consumer never paused while the GPU thread was busy"
     assert all(len(v) == 1 for v in answered(results).values())  # no redelivery: nothing was revoked
 

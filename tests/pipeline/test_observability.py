@@ -1,19 +1,24 @@
-"""Dead-letter headers, the Prometheus text exposition, the health server and the JSON log lines."""
+"""Dead-letter headers, the metrics and their exposition (Prometheus text and OpenMetrics), the health server and
+the JSON log lines."""
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 import urllib.error
 import urllib.request
+from typing import Any
 
 import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+from prometheus_client.parser import text_string_to_metric_families
 
-from worker.engine.api import InvalidJobError
+from worker.engine.api import InvalidJobError, PassStats
 from worker.pipeline.deadletter import dead_letter, header_map, smaller_dead_letter
 from worker.pipeline.http import HealthServer
 from worker.pipeline.logs import JsonFormatter, configure_logging, job_fields
-from worker.pipeline.metrics import Counter, Gauge, Histogram, Registry, WorkerMetrics
+from worker.pipeline.metrics import WorkerMetrics
 from worker.pipeline.records import Failure, SourceRecord
 
 RECORD = SourceRecord(
@@ -73,49 +78,87 @@ def test_transient_failure_category() -> None:
     assert (f.reason, f.category, f.attempts, f.stage) == ("produce_timeout", "transient", 5, "publish")
 
 
-def test_prometheus_exposition() -> None:
-    r = Registry()
-    c = Counter(r, "x_total", "Things.", ["reason"])
-    g = Gauge(r, "y", "A level.")
-    h = Histogram(r, "z_seconds", "Durations.", [0.1, 1.0])
-    c.inc(reason='a"b')
-    c.inc(2, reason="c")
-    g.set(1.5)
-    for v in (0.05, 0.5, 0.7, 3.0):
-        h.observe(v)
-    text = r.render()
-    assert text.splitlines() == [
-        "# HELP x_total Things.",
-        "# TYPE x_total counter",
-        'x_total{reason="a\\"b"} 1',
-        'x_total{reason="c"} 2',
-        "# HELP y A level.",
-        "# TYPE y gauge",
-        "y 1.5",
-        "# HELP z_seconds Durations.",
-        "# TYPE z_seconds histogram",
-        'z_seconds_bucket{le="0.1"} 1',
-        'z_seconds_bucket{le="1"} 3',
-        'z_seconds_bucket{le="+Inf"} 4',
-        "z_seconds_sum 4.25",
-        "z_seconds_count 4",
-    ]
-    with pytest.raises(ValueError, match="labels"):
-        c.inc(wrong="x")
+def families(text: str) -> dict[str, Any]:
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def test_metrics_render_what_the_stages_report() -> None:
+    m = WorkerMetrics()
+    now_ms = int(time.time() * 1000)
+    m.answered("result", now_ms - 2500, documents=3)
+    m.answered("dead_letter", now_ms, reason="not_json")
+    m.answered("result", now_ms + 60_000, documents=1)  # a producer clock ahead of ours: no negative latency
+    m.answered("result", -1, documents=1)  # no timestamp: counted, not timed
+    m.scored_batch(
+        [PassStats(3000, 0.02), PassStats(1000, 0.01)], [3, 400], tokens=4000, seconds=0.05, max_pack_tokens=4096
+    )
+    m.forget_partition("jobs", 0)  # never reported: nothing to forget
+    body, content_type = m.exposition(None)
+    assert content_type.startswith("text/plain; version=0.0.4")
+    got = families(body.decode())
+
+    def value(family: str, sample: str, **labels: str) -> float:
+        (found,) = [s.value for s in got[family].samples if s.name == sample and s.labels == labels]
+        return float(found)
+
+    assert value("rerank_jobs", "rerank_jobs_total", outcome="result") == 3
+    assert value("rerank_jobs", "rerank_jobs_total", outcome="dead_letter") == 1
+    assert value("rerank_documents", "rerank_documents_total") == 5
+    assert value("rerank_dead_letters", "rerank_dead_letters_total", reason="not_json") == 1
+    latency = "rerank_job_latency_seconds"
+    assert value(latency, latency + "_count", outcome="result") == 2
+    assert 2.5 <= value(latency, latency + "_sum", outcome="result") < 10
+    assert value(latency, latency + "_bucket", outcome="result", le="0.01") == 1  # the skewed one, as 0
+    assert value(latency, latency + "_bucket", outcome="result", le="1.0") == 1
+    assert value(latency, latency + "_bucket", outcome="result", le="5.0") == 2
+    assert got[latency].type == "histogram"
+    assert value("rerank_gpu_seconds", "rerank_gpu_seconds_count") == 2
+    assert value("rerank_gpu_seconds", "rerank_gpu_seconds_sum") == pytest.approx(0.03)
+    fill = "rerank_pass_fill_ratio"
+    assert value(fill, fill + "_bucket", le="0.3") == 1
+    assert value(fill, fill + "_bucket", le="0.8") == 2
+    assert value("rerank_pack_fill_ratio", "rerank_pack_fill_ratio") == pytest.approx(4000 / (2 * 4096))
+    assert value("rerank_tokens_per_second", "rerank_tokens_per_second") == pytest.approx(4000 / 0.03)
+    assert value("rerank_batch_jobs", "rerank_batch_jobs_bucket", le="2.0") == 1
+    assert value("rerank_job_documents", "rerank_job_documents_bucket", le="5.0") == 1
+    assert value("rerank_job_documents", "rerank_job_documents_count") == 2
+    # Series an alert divides by exist before anything happened; the process collector is on.
+    fresh = families(WorkerMetrics().exposition(None)[0].decode())
+    assert {s.labels["result"] for s in fresh["rerank_commits"].samples if s.name == "rerank_commits_total"} == {
+        "ok",
+        "failed",
+    }
+    assert "process_resident_memory_bytes" in fresh
+    assert "python_info" in fresh
+
+
+def test_metrics_speak_openmetrics_when_asked() -> None:
+    m = WorkerMetrics()
+    m.dead_letters.labels(reason="not_json").inc()
+    body, content_type = m.exposition("application/openmetrics-text; version=1.0.0,text/plain;q=0.5")
+    assert content_type.startswith("application/openmetrics-text")
+    text = body.decode()
+    assert text.endswith("# EOF\n")
+    got = {f.name: f for f in openmetrics_families(text)}
+    assert got["rerank_dead_letters"].type == "counter"
+    assert [s.value for s in got["rerank_dead_letters"].samples if s.name == "rerank_dead_letters_total"] == [1.0]
 
 
 def test_health_server() -> None:
     state = {"alive": True, "ready": False}
     metrics = WorkerMetrics()
-    metrics.dead_letters.inc(reason="not_json")
+    metrics.dead_letters.labels(reason="not_json").inc()
     server = HealthServer(
-        "127.0.0.1", 0, alive=lambda: state["alive"], ready=lambda: state["ready"], metrics=metrics.render
+        "127.0.0.1", 0, alive=lambda: state["alive"], ready=lambda: state["ready"], metrics=metrics.exposition
     ).start()
     try:
 
-        def get(path: str) -> tuple[int, str, str]:
+        def get(path: str, accept: str | None = None) -> tuple[int, str, str]:
+            request = urllib.request.Request(f"http://127.0.0.1:{server.port}{path}")
+            if accept:
+                request.add_header("Accept", accept)
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}", timeout=5) as resp:
+                with urllib.request.urlopen(request, timeout=5) as resp:
                     return resp.status, resp.read().decode(), resp.headers["Content-Type"]
             except urllib.error.HTTPError as e:
                 return e.code, e.read().decode(), e.headers["Content-Type"]
@@ -129,8 +172,12 @@ def test_health_server() -> None:
         status, body, content_type = get("/metrics")
         assert status == 200
         assert content_type.startswith("text/plain; version=0.0.4")
-        assert 'rerank_dead_letters_total{reason="not_json"} 1' in body
+        assert 'rerank_dead_letters_total{reason="not_json"} 1.0' in body
         assert "# TYPE rerank_batch_seconds histogram" in body
+        status, body, content_type = get("/metrics", accept="application/openmetrics-text; version=1.0.0")
+        assert status == 200
+        assert content_type.startswith("application/openmetrics-text")
+        assert body.endswith("# EOF\n")
         assert get("/nope")[0] == 404
     finally:
         server.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -17,8 +18,15 @@ from worker.pipeline.sink import Outbox, WorkerSink
 
 
 class Future:
+    """Settled when made, like a kafka-python future the broker already answered: callbacks run at once."""
+
     def __init__(self, error: BaseException | None) -> None:
         self.error = error
+
+    def add_callback(self, callback: Callable[[Any], None]) -> Future:
+        if self.error is None:
+            callback("acknowledged")
+        return self
 
     def get(self, timeout: float | None = None) -> str:
         if self.error is not None:
@@ -82,9 +90,10 @@ def test_transient_publish_failure_is_retried() -> None:
     assert done == [o]
     assert not fatal.is_set()
     assert [t for t, *_ in producer.sent] == ["results"] * 3
-    assert p.metrics.retries.value(reason="produce_timeout") == 2
-    assert p.metrics.jobs.value(outcome="result") == 1
-    assert p.metrics.documents.value() == 3
+    assert p.metrics.sample("rerank_retries_total", reason="produce_timeout") == 2
+    assert p.metrics.sample("rerank_jobs_total", outcome="result") == 1
+    assert p.metrics.sample("rerank_documents_total") == 3
+    assert p.metrics.sample("rerank_publish_seconds_count") == 1  # the acknowledged send only
 
 
 def test_result_failing_every_try_is_dead_lettered_with_attempts() -> None:

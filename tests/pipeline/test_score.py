@@ -33,8 +33,8 @@ def test_batch_scores_equal_scoring_alone(engine: RerankEngine) -> None:
     assert out.key == b"j0"
     assert header_map(out.headers)["rerank.source.offset"] == "0"
     assert header_map(out.headers)["rerank.correlation.id"] == "j0"
-    assert h.metrics.batch_seconds.count == 1
-    assert 0 < h.metrics.pack_fill.value() <= 1
+    assert h.metrics.sample("rerank_batch_seconds_count") == 1
+    assert 0 < h.metrics.sample("rerank_pack_fill_ratio") <= 1
 
 
 def test_out_of_memory_halves_the_budget_then_succeeds(engine: RerankEngine) -> None:
@@ -51,7 +51,7 @@ def test_out_of_memory_halves_the_budget_then_succeeds(engine: RerankEngine) -> 
         np.array(h.scores()["j0"], dtype=float), np.array(alone(engine, DOCS), dtype=float), atol=1e-6
     )
     assert orjson.loads(h.published[0].value or b"")["meta"]["max_pack_tokens"] == 2048
-    assert h.metrics.retries.value(reason="out_of_memory") == 2
+    assert h.metrics.sample("rerank_retries_total", reason="out_of_memory") == 2
 
 
 def test_out_of_memory_every_time_dead_letters_with_attempts(engine: RerankEngine) -> None:
@@ -65,7 +65,9 @@ def test_out_of_memory_every_time_dead_letters_with_attempts(engine: RerankEngin
         ("j1", "out_of_memory", "transient", 3, "score"),
     ]
     assert not h.published
-    assert h.metrics.retries.value(reason="out_of_memory") == SETTINGS.max_attempts - 1  # the last try is not retried
+    assert (
+        h.metrics.sample("rerank_retries_total", reason="out_of_memory") == SETTINGS.max_attempts - 1
+    )  # the last try is not retried
 
 
 def test_a_poison_job_is_isolated_and_dead_lettered(engine: RerankEngine) -> None:

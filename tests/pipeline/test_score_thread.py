@@ -59,7 +59,7 @@ class LoggedEngine:
                 raise RuntimeError("device lost")
             return self.inner.score_prepared(jobs)
 
-        return SimpleNamespace(result=result, fully_queued=self.fully_queued, num_packs=1)
+        return SimpleNamespace(result=result, fully_queued=self.fully_queued, num_packs=1, passes=[])
 
 
 def run_thread(engine: LoggedEngine, names: Sequence[str], until: Any) -> tuple[Harness, list[Outgoing], list[Any]]:

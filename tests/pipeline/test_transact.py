@@ -3,6 +3,7 @@ what is fatal, what is replaced. The real broker's transactions: tests/integrati
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from kafka import errors as kafka_errors
@@ -31,6 +32,11 @@ class Sent:
     @property
     def exception(self) -> BaseException | None:
         return self.error
+
+    def add_callback(self, callback: Callable[[Any], None]) -> Sent:
+        if self.error is None:
+            callback("acknowledged")
+        return self
 
 
 class Producer:

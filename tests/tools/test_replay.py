@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,8 +131,14 @@ class FakeConsumer:
 
 
 class Done:
+    """An acknowledged send, as kafka-python's future of one: callbacks run at once."""
+
     def get(self, timeout: float | None = None) -> None:
         return None
+
+    def add_callback(self, callback: Callable[[Any], None]) -> Done:
+        callback(None)
+        return self
 
 
 class FakeProducer:

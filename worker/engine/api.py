@@ -38,6 +38,7 @@ __all__ = [
     "JobStats",
     "PackArrays",
     "PackScorer",
+    "PassStats",
     "PendingPack",
     "PreparedJob",
     "QueuedBatch",
@@ -89,6 +90,15 @@ class JobStats:
 
 
 @dataclass(frozen=True)
+class PassStats:
+    """One forward pass of a batch: the tokens of its pack (before padding) and its time: on CUDA the device time of
+    its own forward (events around it), elsewhere the host's time queuing and waiting for it."""
+
+    tokens: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class JobScores:
     scores: list[float | None]  # per input document; None for blank documents
     stats: JobStats
@@ -133,6 +143,11 @@ class QueuedBatch(Protocol):
 
     def result(self) -> list[JobScores]:
         """Per job of the batch, in order: its scores. Raises what the forward raised (CUDA out of memory...)."""
+        ...
+
+    @property
+    def passes(self) -> Sequence[PassStats]:
+        """Each forward pass of the batch, once `result()` returned (empty before)."""
         ...
 
 

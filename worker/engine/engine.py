@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -22,6 +22,7 @@ from worker.engine.api import (
     JobScores,
     JobStats,
     PackScorer,
+    PassStats,
     PendingPack,
     PreparedJob,
     ScoreRequest,
@@ -45,7 +46,7 @@ def check_budget(tok: PromptTokenizer, max_pack_tokens: int) -> None:
         )
 
 
-@dataclass(frozen=True)
+@dataclass
 class ScoringBatch:
     """A planned batch whose first pack is queued on the device (`RerankEngine.submit`); `result()` queues the
     others, each before waiting for the one ahead, and collects. The host never runs more than a pack ahead of the
@@ -59,6 +60,7 @@ class ScoringBatch:
     first: PendingPack | None
     submitted: float  # perf_counter() when `submit` began
     batch_started: float
+    passes: list[PassStats] = field(default_factory=list)  # filled by `result()`
 
     @property
     def fully_queued(self) -> bool:
@@ -72,7 +74,9 @@ class ScoringBatch:
     def result(self) -> list[JobScores]:
         """Per job, its scores and statistics. `inference_ms`: on CUDA the device time from the first pack's start
         to the last pack's end (not the wait behind a batch queued before it); elsewhere `submit` to here."""
-        unique_scores, device_ms = self.engine._run_packs(self.jobs, self.packs, self.first)
+        unique_scores, device_ms, self.passes = self.engine._run_packs(
+            self.jobs, self.packs, self.first, since=self.submitted
+        )
         inference_ms = device_ms if device_ms is not None else (time.perf_counter() - self.submitted) * 1e3
         return self.engine.collect(
             self.jobs, self.packs, unique_scores, inference_ms=inference_ms, batch_started=self.batch_started
@@ -226,18 +230,25 @@ class RerankEngine:
         """Forward every pack; returns per job the scores of its unique documents (float32). Each pack is queued
         before the host waits for the one ahead of it: the device goes from pack to pack without waiting for the
         host, and the host runs one pack ahead at most. `first`: the first pack, where `submit` queued it."""
-        return self._run_packs(jobs, packs, first)[0]
+        return self._run_packs(jobs, packs, first, since=time.perf_counter())[0]
 
     def _run_packs(
-        self, jobs: Sequence[PreparedJob], packs: Sequence[Pack], first: PendingPack | None
-    ) -> tuple[list[np.ndarray], float | None]:
-        """`run_packs`, and the device time of the packs' forwards (None off CUDA)."""
+        self, jobs: Sequence[PreparedJob], packs: Sequence[Pack], first: PendingPack | None, *, since: float
+    ) -> tuple[list[np.ndarray], float | None, list[PassStats]]:
+        """`run_packs`, the device time of the packs' forwards (None off CUDA), and each pass's `PassStats` (off
+        CUDA the host's time per pass, counted from `since`, the perf_counter() before the first pack was queued)."""
         unique_scores = [np.full(len(job.unique_docs), np.nan, dtype=np.float32) for job in jobs]
         pending = [first if first is not None else self.launch_pack(jobs, packs[0])] if packs else []
+        passes: list[PassStats] = []
+        host_from = since
         for i, pack in enumerate(packs):
             if i + 1 < len(packs):
                 pending.append(self.launch_pack(jobs, packs[i + 1]))  # queued before waiting for pack i
             scores = pending[i].result()  # [num_docs in pack order]
+            host_to = time.perf_counter()
+            own_ms = pending[i].device_ms(pending[i])
+            passes.append(PassStats(pack.num_tokens, own_ms / 1e3 if own_ms is not None else host_to - host_from))
+            host_from = host_to
             offset = 0
             for group in pack.groups:
                 n = len(group.docs)
@@ -249,7 +260,7 @@ class RerankEngine:
                     "a document was planned into no pack or scored NaN: with RERANK_DTYPE=float16 an activation past "
                     "65,504 overflows (use bfloat16); otherwise this is a bug."
                 )
-        return unique_scores, pending[-1].device_ms(pending[0]) if pending else None
+        return unique_scores, pending[-1].device_ms(pending[0]) if pending else None, passes
 
     def collect(
         self,

@@ -149,11 +149,11 @@ class Committer:
         try:
             self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
         except KafkaError as e:
-            self.metrics.commits.inc(result="failed")
+            self.metrics.commits.labels(result="failed").inc()
             log.warning("commit failed: %s", one_line(e), extra={"offsets": show(offsets)})
             return {}
         self.tracker.mark_committed(offsets)
-        self.metrics.commits.inc(result="ok")
+        self.metrics.commits.labels(result="ok").inc()
         log.debug("committed", extra={"offsets": show(offsets)})
         return offsets
 

@@ -4,7 +4,7 @@
   it is stuck: a liveness probe restarts the worker.
 - `/readyz`: 200 when the model is loaded and partitions are assigned, else 503. A worker of a group with more
   members than partitions stays unready: that is expected (KEDA's `allowIdleConsumers`).
-- `/metrics`: Prometheus text format 0.0.4.
+- `/metrics`: Prometheus text format 0.0.4, or OpenMetrics when the scraper's Accept header asks for it.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-CONTENT_TYPE_METRICS = "text/plain; version=0.0.4; charset=utf-8"
-
 
 class HealthServer:
     def __init__(
@@ -28,19 +26,20 @@ class HealthServer:
         *,
         alive: Callable[[], bool],
         ready: Callable[[], bool],
-        metrics: Callable[[], str],
+        metrics: Callable[[str | None], tuple[bytes, str]],
     ) -> None:
-        routes: dict[str, Callable[[], tuple[int, str, str]]] = {
-            "/healthz": lambda: (200, "ok\n", "text/plain") if alive() else (503, "stuck\n", "text/plain"),
-            "/readyz": lambda: (200, "ready\n", "text/plain") if ready() else (503, "not ready\n", "text/plain"),
-            "/metrics": lambda: (200, metrics(), CONTENT_TYPE_METRICS),
+        """`metrics(accept)`: the scrape's body and content type for the request's Accept header."""
+        routes: dict[str, Callable[[str | None], tuple[int, bytes, str]]] = {
+            "/healthz": lambda _: (200, b"ok\n", "text/plain") if alive() else (503, b"stuck\n", "text/plain"),
+            "/readyz": lambda _: (200, b"ready\n", "text/plain") if ready() else (503, b"not ready\n", "text/plain"),
+            "/metrics": lambda accept: (200, *metrics(accept)),
         }
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 route = routes.get(self.path.split("?", 1)[0])
-                status, body, content_type = route() if route else (404, "not found\n", "text/plain")
-                data = body.encode()
+                accept = self.headers.get("Accept")
+                status, data, content_type = route(accept) if route else (404, b"not found\n", "text/plain")
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))

@@ -1,226 +1,264 @@
-"""A small Prometheus text exposition (format 0.0.4): counters, gauges and histograms, no dependency.
+"""The worker's Prometheus metrics (prometheus_client): every name, help text and bucket layout in one place.
 
-Every metric is thread-safe (one lock per registry); `render()` writes `# HELP`, `# TYPE` and samples in
-registration order. Collectors registered with `on_scrape` refresh gauges just before rendering (GPU memory).
+Each `WorkerMetrics` has its own registry (a worker, a replay and the tests each build one), which also carries
+prometheus_client's process, platform and garbage-collector collectors. `exposition` renders it in the format the
+scraper asks for: OpenMetrics when its Accept header offers it, else the Prometheus text format 0.0.4.
+
+Updated from several threads (prometheus_client's metrics are thread-safe): the consumer thread (lag, assignment,
+pauses, commits, queue wait), the tokenizer (tokenize time), the GPU thread (passes, batches, retries) and the
+producer's callbacks or the consumer thread (publish time, job latency, outcomes). GPU memory is read at scrape time.
 """
 
 from __future__ import annotations
 
-import bisect
-import math
+import contextlib
 import sys
-import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Iterator, Sequence
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 
 from worker.pipeline.errors import reason_of, retry_error
 
 if TYPE_CHECKING:
     import tenacity
 
-LabelValues = tuple[str, ...]
+    from worker.engine.api import EngineInfo, PassStats
 
-BATCH_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# Seconds from a job's record timestamp to its answer's acknowledgement: milliseconds on a warm GPU worker, up to
+# many minutes when a backlog drains.
+JOB_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+TOKENIZE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+# One pass of a full 32k-token pack is tens of milliseconds on an H100 and seconds on a CPU.
+PASS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BATCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+DOCUMENT_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 400, 600, 800, 1000, 2000)
+BATCH_JOB_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+FILL_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _number(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if math.isnan(value):
-        return "NaN"
-    return repr(float(value)) if not float(value).is_integer() else str(int(value))
-
-
-def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
-    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
+OUTCOMES = ("result", "dead_letter")
 
 
-class _Metric:
-    kind = ""
-
-    def __init__(self, registry: Registry, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
-        self.name = name
-        self.help = help_text
-        self.label_names = tuple(labels)
-        self._lock = registry.lock
-        registry.add(self)
-
-    def _key(self, labels: dict[str, str]) -> LabelValues:
-        if set(labels) != set(self.label_names):
-            raise ValueError(f"{self.name} takes labels {self.label_names}, got {sorted(labels)}. This is a bug.")
-        return tuple(str(labels[n]) for n in self.label_names)
-
-    def samples(self) -> list[str]:
-        raise NotImplementedError
+def package_version() -> str:
+    try:
+        return version("rerank-worker")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
-class _Scalar(_Metric):
-    def __init__(self, registry: Registry, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
-        super().__init__(registry, name, help_text, labels)
-        self._values: dict[LabelValues, float] = {} if labels else {(): 0.0}
+class _GpuMemory:
+    """CUDA memory per device, read at scrape time; nothing on a worker that has not started CUDA."""
 
-    def value(self, **labels: str) -> float:
-        with self._lock:
-            return self._values.get(self._key(labels), 0.0)
+    def collect(self) -> Iterator[Metric]:
+        torch = sys.modules.get("torch")  # loaded by the engine; the loop itself never imports it
+        cuda = getattr(torch, "cuda", None)
+        if cuda is None or not cuda.is_available() or not cuda.is_initialized():
+            return
+        allocated = GaugeMetricFamily(
+            "rerank_gpu_memory_allocated_bytes", "CUDA memory held by tensors.", labels=["device"]
+        )
+        reserved = GaugeMetricFamily(
+            "rerank_gpu_memory_reserved_bytes", "CUDA memory reserved by torch's caching allocator.", labels=["device"]
+        )
+        for i in range(cuda.device_count()):
+            allocated.add_metric([f"cuda:{i}"], cuda.memory_allocated(i))
+            reserved.add_metric([f"cuda:{i}"], cuda.memory_reserved(i))
+        yield allocated
+        yield reserved
 
-    def samples(self) -> list[str]:
-        return [f"{self.name}{_labels(self.label_names, k)} {_number(v)}" for k, v in sorted(self._values.items())]
-
-
-class Counter(_Scalar):
-    kind = "counter"
-
-    def inc(self, amount: float = 1.0, **labels: str) -> None:
-        if amount < 0:
-            raise ValueError("a counter only goes up. This is a bug.")
-        with self._lock:
-            key = self._key(labels)
-            self._values[key] = self._values.get(key, 0.0) + amount
-
-
-class Gauge(_Scalar):
-    kind = "gauge"
-
-    def set(self, value: float, **labels: str) -> None:
-        with self._lock:
-            self._values[self._key(labels)] = float(value)
-
-    def remove(self, **labels: str) -> None:
-        with self._lock:
-            self._values.pop(self._key(labels), None)
-
-
-class Histogram(_Metric):
-    kind = "histogram"
-
-    def __init__(self, registry: Registry, name: str, help_text: str, buckets: Sequence[float]) -> None:
-        super().__init__(registry, name, help_text)
-        self.buckets = tuple(sorted(buckets))
-        self._counts = [0] * len(self.buckets)  # per bucket (not cumulative)
-        self._overflow = 0
-        self._sum = 0.0
-
-    def observe(self, value: float) -> None:
-        with self._lock:
-            i = bisect.bisect_left(self.buckets, value)
-            if i < len(self.buckets):
-                self._counts[i] += 1
-            else:
-                self._overflow += 1
-            self._sum += value
-
-    @property
-    def count(self) -> int:
-        with self._lock:
-            return sum(self._counts) + self._overflow
-
-    def samples(self) -> list[str]:
-        lines, running = [], 0
-        for bound, n in zip(self.buckets, self._counts, strict=True):
-            running += n
-            lines.append(f'{self.name}_bucket{{le="{_number(bound)}"}} {running}')
-        total = running + self._overflow
-        lines.append(f'{self.name}_bucket{{le="+Inf"}} {total}')
-        lines.append(f"{self.name}_sum {_number(self._sum)}")
-        lines.append(f"{self.name}_count {total}")
-        return lines
-
-
-class Registry:
-    def __init__(self) -> None:
-        self.lock = threading.RLock()
-        self._metrics: list[_Metric] = []
-        self._collectors: list[Callable[[], None]] = []
-
-    def add(self, metric: _Metric) -> None:
-        if any(m.name == metric.name for m in self._metrics):
-            raise ValueError(f"metric {metric.name} registered twice. This is a bug.")
-        self._metrics.append(metric)
-
-    def on_scrape(self, collector: Callable[[], None]) -> None:
-        self._collectors.append(collector)
-
-    def render(self) -> str:
-        for collect in self._collectors:
-            collect()
-        out = []
-        with self.lock:
-            for m in self._metrics:
-                out.append(f"# HELP {m.name} {m.help}")
-                out.append(f"# TYPE {m.name} {m.kind}")
-                out.extend(m.samples())
-        return "\n".join(out) + "\n"
+    def describe(self) -> list[Metric]:
+        return []  # labelled by device at scrape time; nothing to check at registration
 
 
 class WorkerMetrics:
-    """Every metric of the worker, by name."""
+    """Every metric of the worker, by name, on a registry of its own."""
 
     def __init__(self) -> None:
-        r = self.registry = Registry()
-        self.jobs = Counter(r, "rerank_jobs_total", "Jobs finished, by outcome (result or dead_letter).", ["outcome"])
-        self.documents = Counter(r, "rerank_documents_total", "Documents of the jobs answered with a result.")
-        self.dead_letters = Counter(r, "rerank_dead_letters_total", "Dead letters published, by reason.", ["reason"])
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        r.register(_GpuMemory())
+        # -- outcomes
+        self.jobs = Counter(
+            "rerank_jobs_total", "Jobs finished (their answer acknowledged), by outcome.", ["outcome"], registry=r
+        )
+        self.documents = Counter("rerank_documents_total", "Documents of the jobs answered with a result.", registry=r)
+        self.dead_letters = Counter(
+            "rerank_dead_letters_total", "Dead letters published, by reason.", ["reason"], registry=r
+        )
         self.retries = Counter(
-            r, "rerank_retries_total", "Tries repeated after a transient error, by reason.", ["reason"]
+            "rerank_retries_total", "Tries repeated after a transient error, by reason.", ["reason"], registry=r
+        )
+        self.job_latency = Histogram(
+            "rerank_job_latency_seconds",
+            "From a job's record timestamp to its answer's acknowledgement (exactly-once: its transaction's commit), "
+            "by outcome.",
+            ["outcome"],
+            buckets=JOB_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.publish_seconds = Histogram(
+            "rerank_publish_seconds",
+            "From sending a result or dead letter to the broker's acknowledgement.",
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
+        # -- stages
+        self.queue_wait = Histogram(
+            "rerank_queue_wait_seconds",
+            "From a job's poll to the start of the batch that scores it.",
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
+        self.tokenize_seconds = Histogram(
+            "rerank_tokenize_seconds", "Tokenizing one job.", buckets=TOKENIZE_BUCKETS, registry=r
+        )
+        self.job_documents = Histogram(
+            "rerank_job_documents", "Documents per scored job, as sent.", buckets=DOCUMENT_BUCKETS, registry=r
         )
         self.batch_seconds = Histogram(
-            r, "rerank_batch_seconds", "Wall time of one scored batch (all its forward passes).", BATCH_SECONDS_BUCKETS
+            "rerank_batch_seconds",
+            "Wall time of one scored batch (all its forward passes).",
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
-        self.batch_jobs = Gauge(r, "rerank_batch_jobs", "Jobs in the last scored batch.")
+        self.batch_jobs = Histogram(
+            "rerank_batch_jobs", "Jobs per scored batch.", buckets=BATCH_JOB_BUCKETS, registry=r
+        )
+        self.pass_seconds = Histogram(
+            "rerank_gpu_seconds",
+            "One forward pass (one pack): its device time on CUDA, the host's time elsewhere.",
+            buckets=PASS_BUCKETS,
+            registry=r,
+        )
+        self.pass_fill = Histogram(
+            "rerank_pass_fill_ratio",
+            "Tokens of one forward pass's pack over RERANK_MAX_PACK_TOKENS.",
+            buckets=FILL_BUCKETS,
+            registry=r,
+        )
         self.pack_fill = Gauge(
-            r, "rerank_pack_fill_ratio", "Tokens of the last batch over its passes times RERANK_MAX_BATCH_TOKENS."
+            "rerank_pack_fill_ratio",
+            "Tokens of the last batch over its passes times RERANK_MAX_PACK_TOKENS (rerank_pass_fill_ratio: all).",
+            registry=r,
         )
-        self.tokens = Counter(r, "rerank_tokens_total", "Tokens put through the model.")
-        self.tokens_per_second = Gauge(r, "rerank_tokens_per_second", "Model throughput of the last batch.")
+        self.tokens = Counter("rerank_tokens_total", "Tokens put through the model.", registry=r)
+        self.tokens_per_second = Gauge("rerank_tokens_per_second", "Model throughput of the last batch.", registry=r)
+        # -- the consumer and its group
         self.lag = Gauge(
-            r, "rerank_consumer_lag", "Jobs not yet committed, per assigned partition.", ["topic", "partition"]
+            "rerank_consumer_lag", "Jobs not yet committed, per assigned partition.", ["topic", "partition"], registry=r
         )
-        self.assigned = Gauge(r, "rerank_assigned_partitions", "Partitions assigned to this worker.")
-        self.rebalances = Counter(r, "rerank_rebalances_total", "Partition assignments received.")
+        self.assigned = Gauge("rerank_assigned_partitions", "Partitions assigned to this worker.", registry=r)
+        self.rebalances = Counter("rerank_rebalances_total", "Partition assignments received.", registry=r)
         self.revoked = Counter(
-            r, "rerank_partitions_revoked_total", "Partitions taken away by rebalances (a storm shows here)."
+            "rerank_partitions_revoked_total", "Partitions taken away by rebalances (a storm shows here).", registry=r
         )
         self.rejoins = Counter(
-            r,
             "rerank_group_rejoins_total",
             "Times this worker left and rejoined its group after finding itself outside the group's current "
             "generation (see the log line for why).",
+            registry=r,
         )
         self.idle_with_lag = Gauge(
-            r,
             "rerank_idle_with_lag",
             "1 while this worker has held no partitions for longer than a rebalance and jobs wait in its group.",
+            registry=r,
         )
-        self.in_flight = Gauge(r, "rerank_in_flight_jobs", "Jobs polled and not yet acknowledged.")
-        self.queued = Gauge(r, "rerank_queued_jobs", "Jobs waiting for the GPU thread.")
-        self.paused = Gauge(r, "rerank_consumer_paused", "1 while the consumer pauses its partitions (GPU busy).")
-        self.commits = Counter(r, "rerank_commits_total", "Offset commits, by result (ok or failed).", ["result"])
-        self.gpu_allocated = Gauge(r, "rerank_gpu_memory_allocated_bytes", "CUDA memory held by tensors.", ["device"])
-        self.gpu_reserved = Gauge(r, "rerank_gpu_memory_reserved_bytes", "CUDA memory reserved by torch.", ["device"])
-        r.on_scrape(self._collect_gpu_memory)
+        self.in_flight = Gauge("rerank_in_flight_jobs", "Jobs polled and not yet acknowledged.", registry=r)
+        self.queued = Gauge("rerank_queued_jobs", "Jobs waiting for the GPU thread.", registry=r)
+        self.paused = Gauge(
+            "rerank_consumer_paused", "1 while the consumer pauses its partitions (GPU busy).", registry=r
+        )
+        self.commits = Counter(
+            "rerank_commits_total", "Offset commits (exactly-once: transactions), by result.", ["result"], registry=r
+        )
+        self.ready = Gauge(
+            "rerank_ready", "1 while /readyz answers 200: model loaded and partitions assigned.", registry=r
+        )
+        # -- the model
+        self.model_load_seconds = Gauge(
+            "rerank_model_load_seconds",
+            "Seconds from the start of the model's load to the engine warm (compiled, CUDA graphs captured).",
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "rerank_build_info",
+            "1, labelled with the worker's version and its engine (set once the model is loaded).",
+            ["version", "model", "dtype", "attention", "device"],
+            registry=r,
+        )
+        # Series that alerts and dashboards divide by or take rates of exist from the start, at zero.
+        for outcome in OUTCOMES:
+            self.jobs.labels(outcome=outcome)
+            self.job_latency.labels(outcome=outcome)
+        for result in ("ok", "failed"):
+            self.commits.labels(result=result)
+
+    # -- what the stages report -----------------------------------------------------------------------------------
 
     def count_retry(self, state: tenacity.RetryCallState) -> None:
         """tenacity's `before_sleep` for the scoring and publishing retries: one more try, counted by the reason of
         the failure that caused it (so the last, unrepeated try is not counted)."""
         error = retry_error(state)
-        self.retries.inc(reason=reason_of(error) if error else "unknown")
+        self.retries.labels(reason=reason_of(error) if error else "unknown").inc()
 
-    def _collect_gpu_memory(self) -> None:
-        torch = sys.modules.get("torch")  # loaded by the engine; the loop itself never imports it
-        cuda = getattr(torch, "cuda", None)
-        if cuda is None or not cuda.is_available() or not cuda.is_initialized():
-            return
-        for i in range(cuda.device_count()):
-            device = f"cuda:{i}"
-            self.gpu_allocated.set(cuda.memory_allocated(i), device=device)
-            self.gpu_reserved.set(cuda.memory_reserved(i), device=device)
+    def answered(
+        self, outcome: str, record_timestamp_ms: int, *, reason: str | None = None, documents: int = 0
+    ) -> None:
+        """A job's result or dead letter was acknowledged (`record_timestamp_ms`: its Kafka record's, -1 unknown)."""
+        self.jobs.labels(outcome=outcome).inc()
+        if outcome == "result":
+            self.documents.inc(documents)
+        elif reason is not None:
+            self.dead_letters.labels(reason=reason).inc()
+        if record_timestamp_ms >= 0:
+            # Producers' clocks may run ahead of ours: a negative latency is clock skew, counted as none.
+            self.job_latency.labels(outcome=outcome).observe(max(0.0, time.time() - record_timestamp_ms / 1000))
 
-    def render(self) -> str:
-        return self.registry.render()
+    def scored_batch(
+        self, passes: Sequence[PassStats], documents: Sequence[int], tokens: int, seconds: float, max_pack_tokens: int
+    ) -> None:
+        """A batch scored: its passes, each job's document count, its tokens and wall time."""
+        self.batch_seconds.observe(seconds)
+        self.batch_jobs.observe(len(documents))
+        for n in documents:
+            self.job_documents.observe(n)
+        self.tokens.inc(tokens)
+        for p in passes:
+            self.pass_seconds.observe(p.seconds)
+            self.pass_fill.observe(p.tokens / max_pack_tokens)
+        busy = sum(p.seconds for p in passes)
+        if busy > 0:
+            self.tokens_per_second.set(tokens / busy)
+        if passes:
+            self.pack_fill.set(sum(p.tokens for p in passes) / (len(passes) * max_pack_tokens))
+
+    def describe_engine(self, info: EngineInfo) -> None:
+        self.build_info.labels(
+            version=package_version(), model=info.model, dtype=info.dtype, attention=info.attention, device=info.device
+        ).set(1)
+
+    def forget_partition(self, topic: str, partition: int) -> None:
+        """A revoked partition's lag is another worker's to report."""
+        with contextlib.suppress(KeyError):  # never reported
+            self.lag.remove(topic, str(partition))
+
+    # -- reading --------------------------------------------------------------------------------------------------
+
+    def sample(self, name: str, **labels: str) -> float:
+        """The current value of one sample (`rerank_jobs_total`, outcome="result"); 0 when it does not exist yet."""
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+    def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
+        """The body and content type of a scrape: OpenMetrics if `accept` (the Accept header) asks for it."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -107,7 +108,7 @@ class Publisher(threading.Thread):
 
     def send(self, o: Outgoing) -> Any:
         try:
-            return self.producer.send(o.topic, key=o.key, value=o.value, headers=o.headers)
+            return timed_send(self.producer, o, self.metrics)
         except Exception as e:  # raised before a future existed (too large, metadata timeout, buffer full)
             return _Failed(e)
 
@@ -165,16 +166,22 @@ def result_failure(error: BaseException, attempts: int) -> Failure:
     return failure
 
 
+def timed_send(producer: Any, o: Outgoing, metrics: WorkerMetrics) -> Any:
+    """`producer.send` of `o`; its acknowledgement, when it comes, observes rerank_publish_seconds (in the
+    producer's I/O thread, at the moment the broker answered)."""
+    sent = time.perf_counter()
+    future = producer.send(o.topic, key=o.key, value=o.value, headers=o.headers)
+    future.add_callback(lambda _: metrics.publish_seconds.observe(time.perf_counter() - sent))
+    return future
+
+
 def report_published(o: Outgoing, metrics: WorkerMetrics) -> None:
     """Count and log an acknowledged (or, exactly-once, committed) result or dead letter."""
+    reason = o.failure.reason if o.failure else "unknown"
+    metrics.answered(o.kind, o.record.timestamp, reason=reason, documents=o.documents)
     if o.kind == "result":
-        metrics.jobs.inc(outcome="result")
-        metrics.documents.inc(o.documents)
         log.info("result published", extra=job_fields(o.record, o.job_id, topic_out=o.topic))
     else:
-        reason = o.failure.reason if o.failure else "unknown"
-        metrics.jobs.inc(outcome="dead_letter")
-        metrics.dead_letters.inc(reason=reason)
         message = o.failure.message if o.failure else ""
         log.warning(
             "dead-lettered: %s", message, extra=job_fields(o.record, o.job_id, reason=reason, topic_out=o.topic)

@@ -9,6 +9,7 @@ Plain data, no Kafka calls and no thread of their own.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, Self
 
@@ -89,6 +90,7 @@ class WorkItem:
     job: RerankJob
     prepared: PreparedJob | None = None
     assignment: int = 0
+    polled_at: float = field(default_factory=time.monotonic)  # for rerank_queue_wait_seconds
 
     @property
     def tokens(self) -> int:

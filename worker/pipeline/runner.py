@@ -230,7 +230,7 @@ class Pipeline:
             if high is not None:
                 mark = self.tracker.watermark(tp)
                 lag = high - (mark if mark is not None else high)
-                self.metrics.lag.set(lag, topic=tp.topic, partition=str(tp.partition))
+                self.metrics.lag.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
 
     # -- partitions (the source calls these; for a group, on kafka-python's IO thread inside poll) -----------------
 
@@ -285,7 +285,7 @@ class Pipeline:
         self.tracker.drop(partitions)
         self.metrics.revoked.inc(len(partitions))
         for tp in partitions:
-            self.metrics.lag.remove(topic=tp.topic, partition=str(tp.partition))
+            self.metrics.forget_partition(tp.topic, tp.partition)
         self.metrics.assigned.set(len(self.source.ownership.owned))
         return marks
 

@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from worker.engine.api import Engine, InvalidJobError, JobScores, PreparedJob, QueuedBatch
+from worker.engine.api import Engine, InvalidJobError, JobScores, PassStats, PreparedJob, QueuedBatch
 from worker.pipeline.batch import Batcher
 from worker.pipeline.errors import Fatal, is_out_of_memory, is_transient, one_line, transient_retries
 from worker.pipeline.logs import job_fields
@@ -55,6 +55,10 @@ class InFlight:
     @property
     def num_packs(self) -> int:
         return self.queued.num_packs if self.queued is not None else 0
+
+    @property
+    def passes(self) -> Sequence[PassStats]:
+        return self.queued.passes if self.queued is not None else ()
 
     def result(self) -> list[JobScores]:
         if self.queued is None:
@@ -133,6 +137,9 @@ class Scorer(threading.Thread):
     def submit(self, batch: list[WorkItem]) -> InFlight:
         """Queue the batch on the device; an error here is kept for `score_batch` (the batch's first try)."""
         started = time.perf_counter()
+        now = time.monotonic()
+        for item in batch:
+            self.metrics.queue_wait.observe(now - item.polled_at)
         try:
             return InFlight(batch, started, self.engine.submit(_prepared(batch)))
         except Exception as e:
@@ -142,7 +149,7 @@ class Scorer(threading.Thread):
         """Score every job of the batch and hand each on (result or rejection); `queued`: its first try."""
         started = queued.started if queued is not None else time.perf_counter()
         try:
-            engine, packs, scored = self._score_with_retries(batch, queued)
+            engine, passes, scored = self._score_with_retries(batch, queued)
         except InvalidJobError as e:
             if len(batch) == 1:
                 self._reject(batch[0], Failure.of(e, stage="score"))
@@ -167,7 +174,7 @@ class Scorer(threading.Thread):
                 )
             return
         self._failed_alone = 0
-        self._record_batch(engine, packs, scored, time.perf_counter() - started)
+        self._record_batch(engine, batch, passes, scored, time.perf_counter() - started)
         for item, job_scores in zip(batch, scored, strict=True):
             self.outbox.result(item, job_scores, engine.info)
 
@@ -182,9 +189,9 @@ class Scorer(threading.Thread):
 
     def _score_with_retries(
         self, batch: Sequence[WorkItem], queued: InFlight | None = None
-    ) -> tuple[Engine, int, list[JobScores]]:
-        """The engine that scored the batch (a smaller-budget one after CUDA ran out of memory), the number of
-        packs it took, and the scores."""
+    ) -> tuple[Engine, Sequence[PassStats], list[JobScores]]:
+        """The engine that scored the batch (a smaller-budget one after CUDA ran out of memory), its forward passes,
+        and the scores."""
         engine = self.engine
         tokens = engine.info.max_pack_tokens
         retrying = transient_retries(self.settings, sleep=self._sleep, before_sleep=self.metrics.count_retry)
@@ -193,9 +200,11 @@ class Scorer(threading.Thread):
                 try:
                     if queued is not None:  # the first try, queued on the device ahead of time
                         first, queued = queued, None
-                        return engine, first.num_packs, first.result()
+                        scored = first.result()
+                        return engine, first.passes, scored
                     again = engine.submit(_prepared(batch))
-                    return engine, again.num_packs, again.result()
+                    scored = again.result()
+                    return engine, again.passes, scored
                 except Exception as e:
                     if is_out_of_memory(e):
                         tokens //= 2
@@ -212,16 +221,24 @@ class Scorer(threading.Thread):
     def _sleep(self, seconds: float) -> None:
         self.stopping.wait(seconds)  # a stop cuts the backoff short; the try after it still runs once
 
-    def _record_batch(self, engine: Engine, packs: int, scored: Sequence[JobScores], seconds: float) -> None:
-        tokens = sum(js.stats.tokens for js in scored)
-        inference_s = max((js.stats.inference_ms for js in scored), default=0.0) / 1000
-        self.metrics.batch_seconds.observe(seconds)
-        self.metrics.batch_jobs.set(len(scored))
-        self.metrics.tokens.inc(tokens)
-        if inference_s > 0:
-            self.metrics.tokens_per_second.set(tokens / inference_s)
-        if packs:
-            self.metrics.pack_fill.set(tokens / (packs * engine.info.max_pack_tokens))
+    def _record_batch(
+        self,
+        engine: Engine,
+        batch: Sequence[WorkItem],
+        passes: Sequence[PassStats],
+        scored: Sequence[JobScores],
+        seconds: float,
+    ) -> None:
+        for item in batch:
+            if item.prepared is not None:
+                self.metrics.tokenize_seconds.observe(item.prepared.tokenize_ms / 1000)
+        self.metrics.scored_batch(
+            passes,
+            [js.stats.input_docs for js in scored],
+            tokens=sum(js.stats.tokens for js in scored),
+            seconds=seconds,
+            max_pack_tokens=engine.info.max_pack_tokens,
+        )
 
 
 def _prepared(batch: Sequence[WorkItem]) -> list[PreparedJob]:

@@ -31,7 +31,7 @@ from worker.pipeline.commit import OffsetTracker, show
 from worker.pipeline.deadletter import smaller_dead_letter
 from worker.pipeline.errors import Fatal, is_too_large, is_transient, one_line
 from worker.pipeline.metrics import WorkerMetrics
-from worker.pipeline.publish import report_published, result_failure
+from worker.pipeline.publish import report_published, result_failure, timed_send
 from worker.pipeline.records import Finished, Outgoing
 from worker.pipeline.sink import Sink
 from worker.settings import Settings
@@ -120,7 +120,7 @@ class Transactions:
         sent: list[tuple[Outgoing, Any]] = []
         try:
             self.producer.begin_transaction()
-            sent = [(m, self.producer.send(m.topic, key=m.key, value=m.value, headers=m.headers)) for m in messages]
+            sent = [(m, timed_send(self.producer, m, self.metrics)) for m in messages]
             commits = {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()}
             self.producer.send_offsets_to_transaction(commits, group_metadata())
             self.producer.commit_transaction()
@@ -133,7 +133,7 @@ class Transactions:
             self.held[tp].pop(offset, None)
             report_published(m, self.metrics)
         self.tracker.mark_committed(offsets)
-        self.metrics.commits.inc(result="ok")
+        self.metrics.commits.labels(result="ok").inc()
         self.failures = 0
         log.debug("transaction committed", extra={"answers": len(messages), "offsets": show(offsets)})
         return len(messages)
@@ -142,7 +142,7 @@ class Transactions:
         self, error: BaseException, sent: list[tuple[Outgoing, Any]], offsets: dict[TopicPartition, int]
     ) -> None:
         aborted = self._abort()
-        self.metrics.commits.inc(result="failed")
+        self.metrics.commits.labels(result="failed").inc()
         if isinstance(error, _FATAL) or not aborted:
             self.fatal.fail(
                 f"exactly-once transaction failed and cannot go on: {one_line(error)}; its jobs are read again "
@@ -166,7 +166,7 @@ class Transactions:
         s = self.settings
         delay_ms = min(s.retry_max_ms, s.retry_initial_ms * 2 ** (self.failures - 1)) * random.uniform(0.5, 1.0)
         self.not_before = self.clock() + delay_ms / 1000
-        self.metrics.retries.inc(reason=type(error).__name__)
+        self.metrics.retries.labels(reason=type(error).__name__).inc()
         log.warning(
             "transaction aborted, trying again in %.1f s: %s",
             delay_ms / 1000,

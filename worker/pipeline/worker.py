@@ -66,6 +66,7 @@ class Worker:
         self._load = load
         self.worker_id = settings.worker_id or default_worker_id()
         self.metrics = metrics or WorkerMetrics()
+        self.metrics.ready.set_function(lambda: float(self.ready()))
         self.fatal_error = Fatal()
         self.stopping = threading.Event()
         self.started = threading.Event()  # set once partitions are assigned (tests wait on it)
@@ -97,7 +98,10 @@ class Worker:
                     self.serve_health(stack)
                     self.check_cluster()
                     if self._engine is None and self._load is not None:
+                        started = time.perf_counter()
                         self._engine = self._load()
+                        self.metrics.model_load_seconds.set(time.perf_counter() - started)
+                    self.metrics.describe_engine(self.engine.info)
                     pipeline, clients = reach(
                         self.settings, self.open, what="opening the Kafka clients", stopping=self.stopping
                     )
@@ -130,7 +134,7 @@ class Worker:
         s = self.settings
         try:
             server = HealthServer(
-                s.http_host, s.http_port, alive=self.alive, ready=self.ready, metrics=self.metrics.render
+                s.http_host, s.http_port, alive=self.alive, ready=self.ready, metrics=self.metrics.exposition
             )
         except OSError as e:
             raise FatalError(

@@ -261,9 +261,9 @@ class Replay:
                 name="replay",
             )
             pipeline.run()
-            summary.replayed = int(self.metrics.jobs.value(outcome="result"))
+            summary.replayed = int(self.metrics.sample("rerank_jobs_total", outcome="result"))
             summary.skipped = sink.skipped
-            summary.batches = self.metrics.batch_seconds.count
+            summary.batches = int(self.metrics.sample("rerank_batch_seconds_count"))
             bar.set_postfix(replayed=summary.replayed, skipped=sum(summary.skipped.values()))
         summary.seconds = time.monotonic() - started
         if pipeline.fatal.message is not None:
