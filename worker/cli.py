@@ -98,6 +98,8 @@ def build_engine(settings: Settings) -> RerankEngine:
             max_query_tokens=settings.max_query_tokens,
             default_instruction=settings.instruction,
             doc_cache_size=settings.doc_cache_size,
+            revision=settings.model_revision,
+            cache_dir=settings.cache_dir,
         )
     except ValueError as e:  # settings the engine cannot honour (budget too small, unknown dtype)
         fail(EXIT_USAGE, f"invalid settings: {e}")

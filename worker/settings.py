@@ -41,6 +41,12 @@ class Settings(BaseSettings):
         "Qwen/Qwen3-Reranker-0.6B",
         description="Model to load with `from_pretrained`: a hub name or a local directory.",
     )
+    model_revision: str | None = Field(
+        None,
+        description="Hub revision of RERANK_MODEL (a branch, tag or commit hash), passed to `from_pretrained` for "
+        "the tokenizer and the weights: pin a commit so every replica and every restart runs the same model. "
+        "Empty: the hub's default branch. Ignored for a local directory.",
+    )
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = Field(
         "auto",
         description="`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`.",
@@ -95,6 +101,12 @@ class Settings(BaseSettings):
         None,
         description="Instruction for jobs that carry none. Empty: the official default, `Given a web search query, "
         "retrieve relevant passages that answer the query`.",
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Directory of the compile caches (TorchInductor, Triton, CUDA's JIT cache): a restarted worker "
+        "finds its compiled kernels there instead of compiling them again. Empty: `rerank-worker/compile` under "
+        "the model cache (HF_HOME, default ~/.cache/huggingface), so a persistent model volume keeps both.",
     )
     doc_cache_size: Annotated[int, Field(ge=0)] = Field(
         20000,

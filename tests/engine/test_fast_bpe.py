@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -180,4 +181,33 @@ def test_added_tokens_are_refused(engine: RerankEngine) -> None:
     """The full tokenizer matches "<|im_end|>" in text; the fast path is only for the copy without added tokens."""
     full = engine.tokenizer._template
     assert FastBPE.of(full) == (None, "the tokenizer has added tokens")
-    assert FastBPE.of(_without_added_tokens(full))[0] is not None
+    assert FastBPE.of(_without_added_tokens(full.to_str()))[0] is not None
+
+
+def test_a_kept_verdict_spares_the_checks_and_gives_the_same_ids(
+    plain: Tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restarted worker finds the verdict of the checks in its cache directory and rebuilds the encoding without
+    walking the vocabulary; a verdict it cannot read, or one of another key, proves nothing."""
+    monkeypatch.setattr(fast_bpe, "_CHECKED", {})
+    first, reason = FastBPE.of(plain, tmp_path)
+    assert first is not None, reason
+    (kept,) = tmp_path.glob("fast-bpe-*.json")
+    assert json.loads(kept.read_text())["fast"] is True
+
+    def walked(*args: Any) -> str:
+        raise AssertionError("the checks ran although a verdict was kept")
+
+    monkeypatch.setattr(fast_bpe, "_CHECKED", {})  # a new process
+    monkeypatch.setattr(fast_bpe, "_probe_agrees", walked)
+    monkeypatch.setattr(fast_bpe, "_merges_match_ranks", walked)
+    again, reason = FastBPE.of(plain, tmp_path)
+    assert again is not None, reason
+    texts = [document_tail(d) for d in make_job(np.random.default_rng(2), 200, 40, 120).documents]
+    assert [ids.tolist() for ids in again.encode_batch(texts)] == slow_ids(plain, texts)
+
+    for broken in ("{not json", json.dumps({"key": "another", "fast": True})):
+        kept.write_text(broken)
+        monkeypatch.setattr(fast_bpe, "_CHECKED", {})
+        with pytest.raises(AssertionError, match="the checks ran"):
+            FastBPE.of(plain, tmp_path)

@@ -23,17 +23,25 @@ disagree are ruled out or checked:
 
 Tests sweep every Unicode code point through both, with the versions installed; a version of either library with
 other Unicode tables could still differ on a character the load-time probe does not hold.
+
+The checks walk the whole vocabulary (seconds). Their verdict can be kept in a directory (the engine uses the compile
+cache, RERANK_CACHE_DIR): a restarted worker with the same tokenizer.json and the same versions of tiktoken,
+tokenizers and these checks rebuilds the encoding without walking the vocabulary again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -95,17 +103,24 @@ class FastBPE:
         self._pool = ThreadPoolExecutor(self._threads, "fast-bpe") if self._threads > 1 else None
 
     @classmethod
-    def of(cls, tokenizer: Tokenizer) -> tuple[FastBPE | None, str]:
+    def of(cls, tokenizer: Tokenizer, verdicts: Path | None = None) -> tuple[FastBPE | None, str]:
         """The fast path for this tokenizer, or None and the reason it does not apply (checked once per
-        distinct tokenizer in a process: the checks walk the whole vocabulary, which takes seconds)."""
+        distinct tokenizer in a process: the checks walk the whole vocabulary, which takes seconds). `verdicts`: a
+        directory keeping the checks' verdicts across processes."""
         spec_text = tokenizer.to_str()
-        key = hashlib.sha256(spec_text.encode()).hexdigest()
+        key = _verdict_key(spec_text)
         if key not in _CHECKED:
-            _CHECKED[key] = cls._check(tokenizer, json.loads(spec_text))
+            proven = _read_verdict(verdicts, key)
+            _CHECKED[key] = cls._check(tokenizer, json.loads(spec_text), proven=proven)
+            if not proven:
+                fast, reason = _CHECKED[key]
+                _write_verdict(verdicts, key, fast is not None, reason)
         return _CHECKED[key]
 
     @classmethod
-    def _check(cls, tokenizer: Tokenizer, spec: dict[str, Any]) -> tuple[FastBPE | None, str]:
+    def _check(cls, tokenizer: Tokenizer, spec: dict[str, Any], *, proven: bool = False) -> tuple[FastBPE | None, str]:
+        """`proven`: a kept verdict says the vocabulary-wide checks passed for exactly this tokenizer and these
+        versions; the structure is still checked (cheap), the walks over the vocabulary are not repeated."""
         try:
             import tiktoken
         except ImportError:
@@ -132,16 +147,18 @@ class FastBPE:
         ranks = {bytes(alphabet[ch] for ch in token): rank for token, rank in vocab.items()}
         if len(ranks) != len(vocab) or any(bytes([b]) not in ranks for b in range(256)):
             return None, "vocabulary does not hold every byte exactly once"
-        reason = _merges_match_ranks(_merge_pairs(model.get("merges") or []), vocab)
+        reason = "" if proven else _merges_match_ranks(_merge_pairs(model.get("merges") or []), vocab)
         if reason:
             return None, reason
-        if not model.get("ignore_merges", False):
+        if not proven and not model.get("ignore_merges", False):
             unreachable = [t for t, i in vocab.items() if [x.id for x in tokenizer.model.tokenize(t)] != [i]]
             if unreachable:
                 return None, f"{len(unreachable)} tokens are not what BPE makes of their own bytes"
         special = {SEPARATOR: max(ranks.values()) + 1}
         encoding = tiktoken.Encoding("bpe", pat_str=regex, mergeable_ranks=ranks, special_tokens=special)
         fast = cls(encoding, tokenizer.normalizer if normalizer is not None else None)
+        if proven:
+            return fast, ""
         reason = _split_ties_agree(fast, tokenizer, vocab, alphabet) or _probe_agrees(fast, tokenizer)
         if reason:
             return None, reason
@@ -192,8 +209,44 @@ class FastBPE:
 
 SEPARATOR = "\ue000"  # a private-use character; a text that holds it is encoded alone
 TokenIds = npt.NDArray[np.int32]
-_CHECKED: dict[str, tuple[FastBPE | None, str]] = {}  # sha256 of tokenizer.json -> outcome
+_CHECKED: dict[str, tuple[FastBPE | None, str]] = {}  # `_verdict_key` -> outcome
 MIN_TEXTS_PER_THREAD = 32
+# Part of every kept verdict's key: change it whenever the checks change, so no verdict of older checks is trusted.
+CHECKS_VERSION = 1
+
+
+def _verdict_key(spec_text: str) -> str:
+    """sha256 of tokenizer.json and of what the verdict depends on besides it: the two libraries and the checks."""
+    libraries = []
+    for name in ("tiktoken", "tokenizers"):
+        try:
+            libraries.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            libraries.append(f"{name} missing")
+    return hashlib.sha256("\n".join([spec_text, *libraries, f"checks {CHECKS_VERSION}"]).encode()).hexdigest()
+
+
+def _read_verdict(verdicts: Path | None, key: str) -> bool:
+    """Whether a kept verdict proves the fast path for `key` (an unreadable or negative one proves nothing)."""
+    if verdicts is None:
+        return False
+    try:
+        verdict = json.loads((verdicts / f"fast-bpe-{key}.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(verdict, dict) and verdict.get("fast") is True and verdict.get("key") == key
+
+
+def _write_verdict(verdicts: Path | None, key: str, fast: bool, reason: str) -> None:
+    """Keep a verdict (written whole, then renamed: a reader never sees half of one); a failure only costs the next
+    start the checks."""
+    if verdicts is None:
+        return
+    with contextlib.suppress(OSError):
+        verdicts.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=verdicts, suffix=".tmp", delete=False) as f:
+            json.dump({"key": key, "fast": fast, "reason": reason}, f)
+        os.replace(f.name, verdicts / f"fast-bpe-{key}.json")
 
 
 def _merges_match_ranks(merges: list[tuple[str, str]], vocab: dict[str, int]) -> str:

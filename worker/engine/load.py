@@ -39,18 +39,23 @@ def load_engine(
     max_query_tokens: int = 512,
     default_instruction: str | None = None,
     doc_cache_size: int = 0,
+    revision: str | None = None,
+    cache_dir: str | None = None,
 ) -> RerankEngine:
-    """Load tokenizer and model from a hub name or a local directory and put an engine over them.
-    `max_pack_tokens` None: 32768 on CUDA, 4096 on CPU. ValueError for settings that cannot work together, OSError
-    for a model that cannot be found; both before the weights load."""
-    if problem := missing_model_directory(model) or hub_unreachable(model):
+    """Load tokenizer and model from a hub name (at `revision`: None is the default branch) or a local directory and
+    put an engine over them. `max_pack_tokens` None: 32768 on CUDA, 4096 on CPU. Compile caches go to `cache_dir`
+    (`use_cache_dir`). ValueError for settings that cannot work together, OSError for a model that cannot be found;
+    both before the weights load."""
+    if problem := missing_model_directory(model) or hub_unreachable(model, revision=revision):
         raise OSError(problem)
-    hf_tokenizer = AutoTokenizer.from_pretrained(model)
+    caches = use_cache_dir(cache_dir)
+    hf_tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
     tokenizer = PromptTokenizer(
         hf_tokenizer.backend_tokenizer,
         max_query_tokens=max_query_tokens,
         max_doc_tokens=max_doc_tokens,
         doc_cache_size=doc_cache_size,
+        fast_bpe_verdicts=caches / "tokenizer",
     )
     if max_pack_tokens is None:
         # A whole 400-document job in one pass on a GPU; on CPU the dense [L, L] mask grows with L squared.
@@ -66,6 +71,7 @@ def load_engine(
         cuda_graphs=cuda_graphs,
         yes_id=tokenizer.yes_id,
         no_id=tokenizer.no_id,
+        revision=revision,
     )
     return RerankEngine(
         tokenizer,
@@ -87,7 +93,22 @@ def missing_model_directory(model: str) -> str | None:
     return None
 
 
-def hub_unreachable(model: str, timeout_s: float = 3.0) -> str | None:
+def use_cache_dir(cache_dir: str | None) -> Path:
+    """Point TorchInductor's, Triton's and CUDA's JIT caches at `cache_dir` (None: `rerank-worker/compile` under
+    HF_HOME), overriding TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR and CUDA_CACHE_PATH: a restarted worker on the
+    same volume reuses what the last one compiled (and, in `tokenizer/`, the fast tokenizer's verdicts). Each
+    library reads its variable when it first writes or looks up a cache entry, and CUDA when its context starts: so
+    before anything compiles or touches the GPU."""
+    from huggingface_hub import constants
+
+    root = Path(cache_dir).expanduser() if cache_dir else Path(constants.HF_HOME) / "rerank-worker" / "compile"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
+    os.environ["TRITON_CACHE_DIR"] = str(root / "triton")
+    os.environ["CUDA_CACHE_PATH"] = str(root / "cuda")
+    return root
+
+
+def hub_unreachable(model: str, timeout_s: float = 3.0, *, revision: str | None = None) -> str | None:
     """Why hub name `model` cannot be had now: the hub does not answer and the model is not in the local cache (None
     otherwise, and for a local directory or HF_HUB_OFFLINE). Asked before anything loads: huggingface_hub would
     retry for about 50 s, a log line per try, before saying the same."""
@@ -103,7 +124,7 @@ def hub_unreachable(model: str, timeout_s: float = 3.0) -> str | None:
         return None
     except OSError as e:
         why = e.strerror or str(e) or type(e).__name__
-    if isinstance(try_to_load_from_cache(model, "config.json"), str):
+    if isinstance(try_to_load_from_cache(model, "config.json", revision=revision), str):
         return None  # cached: huggingface_hub falls back to the cache
     return (
         f"the model hub ({constants.ENDPOINT}) does not answer ({why}) and {model} is not in the local cache: "
@@ -122,6 +143,7 @@ def load_scorer(
     cuda_graphs: bool = True,
     yes_id: int,
     no_id: int,
+    revision: str | None = None,
 ) -> TorchScorer | Qwen3PackedScorer:
     """Load the model with `from_pretrained` and pick the forward: the packed Qwen3 one where it applies (Qwen3
     configs; Triton pack attention, FlashAttention varlen, FlexAttention or SDPA), else the model's own decoder
@@ -136,7 +158,7 @@ def load_scorer(
     # the model's own attention serves only the transformers path, which has no varlen layout: Flex there
     hf_attn: AttentionBackend = "flex_attention" if attn in ("flash_varlen", "triton") else attn
     model: Any = AutoModelForCausalLM.from_pretrained(
-        model_name_or_path, dtype=torch_dtype, attn_implementation=hf_attn
+        model_name_or_path, revision=revision, dtype=torch_dtype, attn_implementation=hf_attn
     )
     model.to(torch_device).eval().requires_grad_(False)
     reason = unsupported_reason(model.config)

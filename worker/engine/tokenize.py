@@ -7,6 +7,7 @@ import json
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -22,8 +23,8 @@ class EncodedDocument:
     truncated: bool
 
 
-def _without_added_tokens(backend: Tokenizer) -> Tokenizer:
-    spec = json.loads(backend.to_str())
+def _without_added_tokens(spec_text: str) -> Tokenizer:
+    spec = json.loads(spec_text)
     spec["added_tokens"] = []
     spec["post_processor"] = None  # it may name added tokens; ids are asked for without special tokens anyway
     return Tokenizer.from_str(json.dumps(spec))
@@ -47,10 +48,13 @@ class PromptTokenizer:
         max_doc_tokens: int,
         doc_cache_size: int = 0,
         fast_bpe: bool = True,
+        fast_bpe_verdicts: Path | None = None,
     ) -> None:
-        self._template = Tokenizer.from_str(backend.to_str())
+        """`fast_bpe_verdicts`: where `FastBPE.of` keeps its verdicts across processes (None: checked each start)."""
+        spec_text = backend.to_str()
+        self._template = Tokenizer.from_str(spec_text)
         self._template.encode_special_tokens = False
-        self._plain = _without_added_tokens(backend)
+        self._plain = _without_added_tokens(spec_text)
         for tok in (self._template, self._plain):
             tok.no_truncation()
             tok.no_padding()
@@ -65,7 +69,7 @@ class PromptTokenizer:
         self._fast: FastBPE | None = None
         self.fast_bpe_reason = "off"
         if fast_bpe:
-            self._fast, self.fast_bpe_reason = FastBPE.of(self._plain)
+            self._fast, self.fast_bpe_reason = FastBPE.of(self._plain, fast_bpe_verdicts)
 
     @property
     def document_encoder(self) -> str:
