@@ -11,6 +11,9 @@ bash scripts/kafka/local-kafka.sh fetch   # broker jars from Maven Central, cach
 .venv/bin/mypy
 bash scripts/helm.sh lint --strict deploy/helm/rerank-worker   # builds Helm from the Go module proxy once (cached)
 bash scripts/helm.sh lint --strict deploy/helm/rerank-worker -f deploy/helm/ci-values-all-on.yaml
+# Built from the Go module proxy once (cached) before pytest, so no test spends its time on a cold build.
+bash scripts/promtool.sh --version >/dev/null
+bash scripts/kubeconform.sh -v >/dev/null
 set +e
 .venv/bin/python -m pytest "$@"
 status=$?

@@ -1,8 +1,11 @@
-"""Shared helpers of the deploy tests: the repository root, the real Helm CLI (scripts/helm.sh) and YAML loading."""
+"""Shared helpers of the deploy tests: the repository root, the real Helm CLI (scripts/helm.sh), kubeconform with
+offline schemas (scripts/kubeconform.sh, scripts/kubeconform_schemas.py) and YAML loading."""
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -15,12 +18,18 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "deploy" / "helm" / "rerank-worker"
 ALL_ON_VALUES = REPO / "deploy" / "helm" / "ci-values-all-on.yaml"
 HELM_SH = REPO / "scripts" / "helm.sh"
+KUBECONFORM_SH = REPO / "scripts" / "kubeconform.sh"
+KUBECONFORM_SCHEMAS = REPO / "scripts" / "kubeconform_schemas.py"
 
 # The first call builds Helm from the Go module proxy (about 1.5-2.5 minutes on 2 cores with empty Go caches).
 HELM_BUILD_TIMEOUT_S = 1800
 HELM_CALL_TIMEOUT_S = 120
 
+# The first call builds kubeconform (well under a minute) and converts the schemas (about 15 s).
+KUBECONFORM_BUILD_TIMEOUT_S = 900
+
 Helm = Callable[..., "subprocess.CompletedProcess[str]"]
+Kubeconform = Callable[..., "subprocess.CompletedProcess[str]"]
 
 
 def load_yaml(path: Path) -> Any:
@@ -70,3 +79,50 @@ def render(helm: Helm, values_files: Sequence[Path] = (), sets: Mapping[str, str
     done = helm(*template_args(values_files, sets))
     assert done.returncode == 0, f"helm template failed:\n{done.stderr}"
     return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+@pytest.fixture(scope="session")
+def kubeconform_schema_args() -> list[str]:
+    """`-schema-location` arguments of the offline schemas: Kubernetes (kubernetes-validate's strict schemas, every
+    version it ships is reachable through `-kubernetes-version`) and the pinned KEDA and prometheus-operator CRDs."""
+    import kubernetes_validate
+
+    versions = ["1.27.0", kubernetes_validate.latest_version()]
+    args = [sys.executable, str(KUBECONFORM_SCHEMAS), "--json"]
+    for version in versions:
+        args += ["--kubernetes-version", version]
+    done = subprocess.run(
+        args, cwd=REPO, capture_output=True, text=True, timeout=KUBECONFORM_BUILD_TIMEOUT_S, check=False
+    )
+    assert done.returncode == 0, f"scripts/kubeconform_schemas.py failed:\n{done.stderr}"
+    prepared = json.loads(done.stdout)
+    assert prepared["kubernetes_versions"] == versions
+    return [f"-schema-location={location}" for location in prepared["schema_locations"]]
+
+
+@pytest.fixture(scope="session")
+def kubeconform(kubeconform_schema_args: list[str]) -> Kubeconform:
+    """`kubeconform(*args, stdin=...)` runs kubeconform (scripts/kubeconform.sh builds it when missing) with the
+    offline schemas only: no schema is ever fetched from the network."""
+    built = subprocess.run(
+        ["bash", str(KUBECONFORM_SH), "-v"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=KUBECONFORM_BUILD_TIMEOUT_S,
+        check=False,
+    )
+    assert built.returncode == 0, f"scripts/kubeconform.sh could not build or run kubeconform:\n{built.stderr}"
+
+    def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", str(KUBECONFORM_SH), *kubeconform_schema_args, *args],
+            cwd=REPO,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=HELM_CALL_TIMEOUT_S,
+            check=False,
+        )
+
+    return run

@@ -1,21 +1,27 @@
 """The Helm chart (deploy/helm/rerank-worker), rendered by the real Helm CLI (scripts/helm.sh builds it when missing).
 
-Proves: both values files lint (--strict) and render; the core objects pass the Kubernetes OpenAPI schemas
-(kubernetes-validate, offline, strict) for 1.27 and the newest bundled version; the rendered manifests carry the
-fields a GPU Kafka worker needs (GPU limit, probes on the worker's port, grace period above the shutdown timeout,
-PDB, KEDA trigger on the worker's own group and topic with maxReplicaCount <= partitions, ServiceMonitor, mounted
-PVC, SASL password from a Secret); the chart names every setting of worker/settings.py with the worker's defaults;
-the worker accepts the environment the chart renders; values that break the scaling rule or the shutdown contract
-fail to render.
+Proves: both values files lint (--strict) and render (test_kubeconform.py validates what they render); the rendered
+manifests carry the fields a GPU Kafka worker needs (GPU limit, probes on the worker's port, grace period above the
+shutdown timeout, PDB, KEDA trigger on the worker's own group and topic with maxReplicaCount <= partitions,
+ServiceMonitor, mounted PVC, SASL password from a Secret) and the operator's options (image digest, ServiceAccount,
+extra volumes, init containers, envFrom, a bounded /tmp, KEDA lag options, Grafana dashboard, PrometheusRule with
+per-alert overrides); the chart names every setting of worker/settings.py with the worker's defaults, and
+values.schema.json allows exactly the worker's choices; the worker accepts the environment the chart renders;
+unknown keys, wrong types, bad enums, bad quantities and negative counts fail `helm lint` and `helm template` naming
+the value; values that break the scaling rule or the shutdown contract fail to render.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import jsonschema
 import pytest
+import yaml
 
 from tests.deploy.conftest import ALL_ON_VALUES, CHART, Helm, load_yaml, render, template_args
 from worker.kafka.config import consumer_kwargs
@@ -162,11 +168,14 @@ def test_default_pdb_and_service_select_the_worker_pods(default_docs: list[Any])
 def test_all_on_renders_every_optional_object(all_on_docs: list[Any]) -> None:
     kinds = sorted(doc["kind"] for doc in all_on_docs)
     assert kinds == [
+        "ConfigMap",
         "Deployment",
         "PersistentVolumeClaim",
         "PodDisruptionBudget",
+        "PrometheusRule",
         "ScaledObject",
         "Service",
+        "ServiceAccount",
         "ServiceMonitor",
         "TriggerAuthentication",
     ]
@@ -285,31 +294,6 @@ def test_all_on_pod_settings(all_on_docs: list[Any], all_on_values: Any) -> None
     assert env["RERANK_SHUTDOWN_TIMEOUT_S"] == "60"
 
 
-# -- Kubernetes schemas ------------------------------------------------------------------------------------------
-
-CRD_KINDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor"}  # no bundled schema: checked field by field
-
-
-@pytest.mark.parametrize("values", [None, ALL_ON_VALUES], ids=["default", "all-on"])
-@pytest.mark.parametrize("kube_version", ["1.27.0", "latest"])  # the chart's kubeVersion floor, the newest schemas
-def test_core_objects_validate_strictly_against_kubernetes_schemas(
-    helm: Helm, values: Path | None, kube_version: str
-) -> None:
-    """Offline OpenAPI schemas (kubernetes-validate): no unknown field, no wrong type, in every core object."""
-    import kubernetes_validate
-
-    version = kubernetes_validate.latest_version() if kube_version == "latest" else kube_version
-    for doc in render(helm, [values] if values else []):
-        if doc["kind"] in CRD_KINDS:
-            with pytest.raises(kubernetes_validate.SchemaNotFoundError):
-                kubernetes_validate.validate(doc, version, strict=True)
-            continue
-        try:
-            kubernetes_validate.validate(doc, version, strict=True)
-        except kubernetes_validate.ValidationError as e:
-            pytest.fail(f"{doc['kind']} invalid for Kubernetes {version} at {list(e.path)}: {e.message}")
-
-
 # -- the chart against worker/settings.py ------------------------------------------------------------------------
 
 
@@ -369,7 +353,6 @@ def test_worker_accepts_the_rendered_environment(
         ({"keda.enabled": "true", "keda.maxReplicaCount": "7"}, "keda.maxReplicaCount=7 exceeds jobsTopicPartitions=6"),
         ({"keda.enabled": "true", "keda.minReplicaCount": "4", "keda.maxReplicaCount": "3"}, "keda.minReplicaCount=4"),
         ({"replicaCount": "7"}, "replicaCount=7 exceeds jobsTopicPartitions=6"),
-        ({"jobsTopicPartitions": "0"}, "jobsTopicPartitions must be"),
         ({"terminationGracePeriodSeconds": "30"}, "must exceed RERANK_SHUTDOWN_TIMEOUT_S=30"),
         ({"terminationGracePeriodSeconds": "32"}, "must exceed RERANK_SHUTDOWN_TIMEOUT_S=30"),
         (
@@ -413,3 +396,283 @@ def test_cpu_only_release_renders_without_gpu(helm: Helm) -> None:
     container = worker_container(docs)
     assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
     assert plain_env(container)["RERANK_DEVICE"] == "cpu"
+
+
+# -- values.schema.json: mistakes fail lint and template, naming the value ----------------------------------------
+
+SCHEMA_PATH = CHART / "values.schema.json"
+
+
+@pytest.fixture(scope="module")
+def values_schema() -> Any:
+    return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        # unknown keys (typos), at several levels
+        ({"keda.lagTreshold": "5"}, "at '/keda': additional properties 'lagTreshold' not allowed"),
+        ({"replicaCounts": "2"}, "at '': additional properties 'replicaCounts' not allowed"),
+        ({"kafka.tls.caSecret.nam": "ca"}, "at '/kafka/tls/caSecret': additional properties 'nam' not allowed"),
+        ({"probes.liveness.periodSecond": "3"}, "at '/probes/liveness': additional properties 'periodSecond'"),
+        ({"env.RERANK_MAX_DOC_TOKEN": "256"}, "at '/env': additional properties 'RERANK_MAX_DOC_TOKEN' not allowed"),
+        ({"serviceAccount.automount": "true"}, "at '/serviceAccount': additional properties 'automount'"),
+        ({"prometheusRule.alerts.X.fro": "5m"}, "at '/prometheusRule/alerts/X': additional properties 'fro'"),
+        # wrong types
+        ({"keda.maxReplicaCount": "abc"}, "at '/keda/maxReplicaCount': got string, want integer"),
+        ({"gpu.enabled": "yes"}, "at '/gpu/enabled': got string, want boolean"),
+        ({"serviceMonitor.interval": "30"}, "at '/serviceMonitor/interval': got number, want string"),
+        ({"keda.excludePersistentLag": "sometimes"}, "at '/keda/excludePersistentLag'"),
+        ({"env.RERANK_CUDA_GRAPHS": "maybe"}, "at '/env/RERANK_CUDA_GRAPHS'"),
+        ({"env.RERANK_SHUTDOWN_TIMEOUT_S": "soon"}, "at '/env/RERANK_SHUTDOWN_TIMEOUT_S'"),
+        # bad enums and patterns
+        ({"env.RERANK_DTYPE": "fp16"}, "at '/env/RERANK_DTYPE': value must be one of"),
+        ({"env.RERANK_DELIVERY": "exactly-once"}, "at '/env/RERANK_DELIVERY': value must be one of"),
+        ({"env.RERANK_QUANTIZATION": "int8"}, "at '/env/RERANK_QUANTIZATION': value must be one of"),
+        ({"env.RERANK_DEVICE": "gpu"}, "at '/env/RERANK_DEVICE'"),
+        ({"env.RERANK_JOBS_TOPIC": "jobs topic"}, "at '/env/RERANK_JOBS_TOPIC'"),
+        ({"keda.offsetResetPolicy": "newest"}, "at '/keda/offsetResetPolicy': value must be one of"),
+        ({"image.pullPolicy": "Sometimes"}, "at '/image/pullPolicy': value must be one of"),
+        ({"image.digest": "sha256:xyz"}, "at '/image/digest'"),
+        # bad quantities and durations
+        ({"resources.limits.cpu": "abc"}, "at '/resources/limits/cpu'"),
+        ({"resources.requests.memory": "8GB"}, "at '/resources/requests/memory'"),
+        ({"tmp.sizeLimit": "lots"}, "at '/tmp/sizeLimit'"),
+        ({"modelCache.persistence.size": "-20Gi"}, "at '/modelCache/persistence/size'"),
+        ({"prometheusRule.alerts.X.for": "5 minutes"}, "at '/prometheusRule/alerts/X/for'"),
+        # negative or zero counts
+        ({"replicaCount": "-1"}, "at '/replicaCount': minimum: got -1, want 0"),
+        ({"jobsTopicPartitions": "0"}, "at '/jobsTopicPartitions': minimum: got 0, want 1"),
+        ({"keda.minReplicaCount": "-1"}, "at '/keda/minReplicaCount': minimum: got -1, want 0"),
+        ({"gpu.count": "0"}, "at '/gpu/count': minimum: got 0, want 1"),
+        ({"probes.startup.failureThreshold": "0"}, "at '/probes/startup/failureThreshold'"),
+        ({"env.RERANK_MAX_DOCS": "-5"}, "at '/env/RERANK_MAX_DOCS'"),
+        ({"env.RERANK_HTTP_PORT": "70000"}, "at '/env/RERANK_HTTP_PORT'"),
+        ({"terminationGracePeriodSeconds": "-1"}, "at '/terminationGracePeriodSeconds'"),
+    ],
+    ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else None,
+)
+def test_a_mistake_fails_lint_and_template_naming_the_value(helm: Helm, sets: dict[str, str], message: str) -> None:
+    done = helm(*template_args(sets=sets))
+    assert done.returncode != 0, f"helm template accepted {sets}"
+    assert "values don't meet the specifications of the schema" in done.stderr, done.stderr
+    assert message in done.stderr, done.stderr
+    linted = helm("lint", str(CHART), *[arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")])
+    assert linted.returncode != 0, f"helm lint accepted {sets}"
+    assert f"[ERROR] values.yaml: - {message}" in linted.stdout, linted.stdout
+
+
+def test_a_typo_in_a_values_file_fails(helm: Helm, tmp_path: Path) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_text("keda:\n  enabled: true\n  lagTreshold: 5\n", encoding="utf-8")
+    done = helm(*template_args([values]))
+    assert done.returncode != 0
+    assert "at '/keda': additional properties 'lagTreshold' not allowed" in done.stderr, done.stderr
+
+
+def test_schema_refuses_unknown_keys_wherever_the_chart_defines_them(values_schema: Any) -> None:
+    """Every schema object that lists its properties closes itself; open maps say what their values are."""
+    open_objects = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            if "properties" in node and node.get("additionalProperties") is not False:
+                open_objects.append(path)
+            for key, value in node.items():
+                walk(value, f"{path}/{key}")
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                walk(value, f"{path}/{index}")
+
+    walk(values_schema, "")
+    # list items (extraEnv, extraVolumes, ...) are Kubernetes objects: the chart names only what it requires of them
+    assert [p for p in open_objects if not p.endswith("/items")] == []
+    assert values_schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+
+
+def literal_choices(annotation: Any) -> tuple[str, ...] | None:
+    for candidate in [annotation, *typing.get_args(annotation)]:
+        if typing.get_origin(candidate) is Literal:
+            return tuple(str(v) for v in typing.get_args(candidate))
+    return None
+
+
+def test_schema_env_allows_exactly_the_workers_choices(values_schema: Any) -> None:
+    """Each setting's schema: the worker's default and "" (unset) pass; Literal settings list exactly the worker's
+    choices; numbers, booleans and topic names refuse what the worker refuses."""
+    validator = jsonschema.Draft7Validator(values_schema)
+    env_schema = values_schema["properties"]["env"]["properties"]
+    assert set(env_schema) == SETTING_NAMES
+
+    def ok(name: str, value: object) -> bool:
+        return validator.is_valid({"env": {name: value}})
+
+    for field_name, field in Settings.model_fields.items():
+        name = env_name(field_name)
+        assert ok(name, ""), f"{name}: empty (unset) refused"
+        if field.default is not None:
+            assert ok(name, default_text(field.default)), f"{name}: the worker's default refused"
+        choices = literal_choices(field.annotation)
+        if choices is not None:
+            assert env_schema[name]["enum"] == ["", *choices], f"{name}: enum drifted from worker/settings.py"
+            assert not ok(name, "not-a-choice")
+        kinds = {t for t in [field.annotation, *typing.get_args(field.annotation)] if t in (bool, int, float)}
+        if kinds & {int, float}:
+            assert not ok(name, "abc"), f"{name}: a word accepted as a number"
+            assert not ok(name, -1), f"{name}: a negative number accepted"
+        if bool in kinds:
+            assert ok(name, True)
+            assert ok(name, "false")
+            assert not ok(name, "maybe")
+    for topic in ("RERANK_JOBS_TOPIC", "RERANK_RESULTS_TOPIC", "RERANK_DLQ_TOPIC"):
+        assert not ok(topic, "a topic")
+        assert not ok(topic, "t" * 250)
+        assert ok(topic, "rerank.jobs-v2_x")
+    assert ok("RERANK_DEVICE", "cuda:1")
+    assert not ok("RERANK_DEVICE", "gpu")
+
+
+# -- operator options ---------------------------------------------------------------------------------------------
+
+
+def test_default_pod_options(default_docs: list[Any], chart_values: Any) -> None:
+    pod = one(default_docs, "Deployment")["spec"]["template"]["spec"]
+    container = worker_container(default_docs)
+    assert container["image"] == f"{chart_values['image']['repository']}:0.1.0"  # the chart's appVersion
+    assert "serviceAccountName" not in pod  # the namespace's default ServiceAccount
+    assert pod["automountServiceAccountToken"] is False
+    assert "initContainers" not in pod
+    assert "envFrom" not in container
+    assert {v["name"]: v for v in pod["volumes"]}["tmp"] == {"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}}
+    # the worker's compile caches land on the model cache volume by default (RERANK_CACHE_DIR empty)
+    assert "RERANK_CACHE_DIR" not in plain_env(container)
+    assert chart_values["env"]["RERANK_CACHE_DIR"] == ""
+
+
+def test_all_on_operator_options(all_on_docs: list[Any], all_on_values: Any) -> None:
+    pod = one(all_on_docs, "Deployment")["spec"]["template"]["spec"]
+    container = worker_container(all_on_docs)
+    image = all_on_values["image"]
+    assert container["image"] == f"{image['repository']}@{image['digest']}"  # the digest wins over the tag
+
+    account = one(all_on_docs, "ServiceAccount")
+    assert account["metadata"]["name"] == pod["serviceAccountName"] == all_on_values["serviceAccount"]["name"]
+    assert account["metadata"]["annotations"] == all_on_values["serviceAccount"]["annotations"]
+    assert account["automountServiceAccountToken"] is False
+    assert pod["automountServiceAccountToken"] is False
+
+    assert pod["initContainers"] == all_on_values["initContainers"]
+    assert container["envFrom"] == all_on_values["envFrom"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    for volume in all_on_values["extraVolumes"]:
+        assert volumes[volume["name"]] == volume
+    for mount in all_on_values["extraVolumeMounts"]:
+        assert mounts[mount["name"]] == mount
+        assert mount["name"] in volumes
+    assert volumes["tmp"]["emptyDir"] == {"sizeLimit": all_on_values["tmp"]["sizeLimit"]}
+    assert plain_env(container)["RERANK_CUDA_GRAPHS"] == "true"  # a YAML boolean, as the worker spells it
+
+    (trigger,) = one(all_on_docs, "ScaledObject")["spec"]["triggers"]
+    assert trigger["metadata"]["excludePersistentLag"] == "true"
+    assert trigger["metadata"]["limitToPartitionsWithLag"] == "false"
+
+
+def test_keda_lag_options_render_only_when_set(helm: Helm) -> None:
+    (trigger,) = one(render(helm, sets={"keda.enabled": "true"}), "ScaledObject")["spec"]["triggers"]
+    assert "excludePersistentLag" not in trigger["metadata"]
+    assert "limitToPartitionsWithLag" not in trigger["metadata"]
+    docs = render(helm, sets={"keda.enabled": "true", "keda.limitToPartitionsWithLag": "true"})
+    (trigger,) = one(docs, "ScaledObject")["spec"]["triggers"]
+    assert trigger["metadata"]["limitToPartitionsWithLag"] == "true"
+    assert trigger["metadata"]["allowIdleConsumers"] == "false"  # KEDA refuses both true together
+    assert "excludePersistentLag" not in trigger["metadata"]
+
+
+def test_service_account_names(helm: Helm) -> None:
+    created = render(helm, sets={"serviceAccount.create": "true"})
+    assert one(created, "ServiceAccount")["metadata"]["name"] == "rr-rerank-worker"
+    assert one(created, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "rr-rerank-worker"
+    existing = render(helm, sets={"serviceAccount.name": "models-reader"})
+    assert not by_kind(existing, "ServiceAccount")
+    assert one(existing, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "models-reader"
+    # the flat key of chart 0.1.0 still works, for one release
+    old = render(helm, sets={"serviceAccountName": "models-reader"})
+    assert one(old, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "models-reader"
+    done = helm(*template_args(sets={"serviceAccountName": "a", "serviceAccount.name": "b"}))
+    assert done.returncode != 0
+    assert "serviceAccountName=a and serviceAccount.name=b disagree" in done.stderr
+
+
+def test_all_on_grafana_dashboard_configmap(all_on_docs: list[Any], all_on_values: Any) -> None:
+    (configmap,) = by_kind(all_on_docs, "ConfigMap")
+    settings = all_on_values["grafanaDashboard"]
+    assert configmap["metadata"]["namespace"] == settings["namespace"]
+    assert settings["labels"].items() <= configmap["metadata"]["labels"].items()
+    assert configmap["metadata"]["annotations"] == settings["annotations"]
+    assert configmap["data"] == {"rerank-worker.json": (CHART / "files" / "dashboard.json").read_text(encoding="utf-8")}
+    json.loads(configmap["data"]["rerank-worker.json"])
+
+
+def test_grafana_dashboard_defaults_to_the_release_namespace_and_sidecar_label(helm: Helm) -> None:
+    (configmap,) = by_kind(render(helm, sets={"grafanaDashboard.enabled": "true"}), "ConfigMap")
+    assert configmap["metadata"]["namespace"] == "ml"
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+
+
+def alerts_file() -> Any:
+    return load_yaml(CHART / "files" / "alerts.yaml")
+
+
+def alert_names() -> list[str]:
+    return [rule["alert"] for group in alerts_file()["groups"] for rule in group["rules"] if "alert" in rule]
+
+
+def test_all_on_prometheus_rule_is_the_alerts_file_with_extra_labels(
+    all_on_docs: list[Any], all_on_values: Any
+) -> None:
+    rule = one(all_on_docs, "PrometheusRule")
+    settings = all_on_values["prometheusRule"]
+    assert settings["labels"].items() <= rule["metadata"]["labels"].items()
+    assert rule["metadata"]["annotations"] == settings["annotations"]
+    expected = alerts_file()["groups"]
+    for group in expected:
+        for entry in group["rules"]:
+            if "alert" in entry:
+                entry["labels"] = {**settings["additionalRuleLabels"], **entry.get("labels", {})}
+    assert rule["spec"]["groups"] == expected
+
+
+def test_prometheus_rule_overrides_per_alert(helm: Helm) -> None:
+    names = alert_names()
+    assert len(names) >= 2, "files/alerts.yaml needs alerts"
+    first, second = names[0], names[1]
+    docs = render(
+        helm,
+        sets={
+            "prometheusRule.enabled": "true",
+            f"prometheusRule.alerts.{first}.for": "42m",
+            f"prometheusRule.alerts.{first}.expr": "vector(1) > 0",
+            f"prometheusRule.alerts.{first}.labels.severity": "page",
+            f"prometheusRule.alerts.{second}.disabled": "true",
+        },
+    )
+    rules = {r["alert"]: r for g in one(docs, "PrometheusRule")["spec"]["groups"] for r in g["rules"] if "alert" in r}
+    assert second not in rules
+    assert set(rules) == set(names) - {second}
+    assert rules[first]["for"] == "42m"
+    assert rules[first]["expr"] == "vector(1) > 0"
+    assert rules[first]["labels"]["severity"] == "page"
+
+
+def test_prometheus_rule_override_of_an_unknown_alert_fails(helm: Helm) -> None:
+    done = helm(*template_args(sets={"prometheusRule.enabled": "true", "prometheusRule.alerts.RerankTypo.for": "5m"}))
+    assert done.returncode != 0
+    assert "prometheusRule.alerts.RerankTypo: files/alerts.yaml has no alert of that name" in done.stderr, done.stderr
+
+
+def test_alerts_file_is_plain_yaml_without_template_syntax_reaching_helm() -> None:
+    """The chart reads files/alerts.yaml with .Files.Get (never tpl): Prometheus' own {{ $labels.x }} pass through."""
+    text = (CHART / "files" / "alerts.yaml").read_text(encoding="utf-8")
+    assert yaml.safe_load(text)["groups"]

@@ -32,6 +32,26 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
+{{/* The worker image: repository@digest when a digest is given (immutable), else repository:tag. */}}
+{{- define "rerank-worker.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+{{- end }}
+
+{{/* The pod's ServiceAccount: serviceAccount.name (or the flat serviceAccountName of chart 0.1.0), <fullname> when
+the chart creates it; empty: the namespace's default. */}}
+{{- define "rerank-worker.serviceAccountName" -}}
+{{- $name := .Values.serviceAccount.name | default .Values.serviceAccountName | default "" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- $name | default (include "rerank-worker.fullname" .) -}}
+{{- else -}}
+{{- $name -}}
+{{- end -}}
+{{- end }}
+
 {{/* One env value as a string. Numbers from a values file arrive as float64: 16777216 must not become 1.6777216e+07. */}}
 {{- define "rerank-worker.str" -}}
 {{- if and (kindIs "float64" .) (eq (floor .) .) -}}
@@ -142,6 +162,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- if has (include "rerank-worker.setting" (list . "RERANK_HTTP_HOST" "0.0.0.0")) (list "127.0.0.1" "localhost" "::1") -}}
 {{- fail "env.RERANK_HTTP_HOST must not be a loopback address: the kubelet probes the pod IP" -}}
+{{- end -}}
+{{- if and .Values.serviceAccountName .Values.serviceAccount.name (ne .Values.serviceAccountName .Values.serviceAccount.name) -}}
+{{- fail (printf "serviceAccountName=%s and serviceAccount.name=%s disagree: set serviceAccount.name only (serviceAccountName is its old name)" .Values.serviceAccountName .Values.serviceAccount.name) -}}
 {{- end -}}
 {{- if and (not .Values.gpu.enabled) (hasPrefix "cuda" (include "rerank-worker.setting" (list . "RERANK_DEVICE" "auto"))) -}}
 {{- fail "gpu.enabled=false with RERANK_DEVICE=cuda: set env.RERANK_DEVICE to cpu (or auto)" -}}
