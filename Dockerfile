@@ -1,12 +1,9 @@
 # syntax=docker/dockerfile:1
 # The rerank worker on a CUDA runtime base: `docker build -t rerank-worker .`, then
 #   docker run --gpus all -e KAFKA_BOOTSTRAP_SERVERS=broker:9092 -v rerank-models:/models rerank-worker
-# torch comes from the PyTorch wheel index matching the base image's CUDA (13.2: NVIDIA driver >= 580). Other builds:
-#   CPU only (no CUDA wheels, several GB smaller):
-#     docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu -t rerank-worker:cpu .
-#   Older drivers (CUDA 12.8, driver >= 570), with a torch version that index serves:
-#     docker build --build-arg CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04 \
-#       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 --build-arg TORCH_SPEC=torch==X.Y.Z .
+# Every Python package comes from requirements/image.txt, a lock with a sha256 for every file (docs/DEPENDENCIES.md;
+# `bash scripts/lock.sh` regenerates it): the same sources give the same packages. torch is its CUDA 13.2 build
+# (NVIDIA driver >= 580), matching the base image's CUDA.
 # Every setting is an environment variable (README "Settings"); the model cache (HF_HOME) is the /models volume.
 
 ARG CUDA_IMAGE=nvidia/cuda:13.2.1-runtime-ubuntu24.04
@@ -25,7 +22,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-dev gcc libc6-dev ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 
-# -- build: a virtual environment with torch (CUDA 13.2 wheels by default) and the worker --------------------------
+# -- build: a virtual environment with the locked dependencies, then the worker ------------------------------------
 FROM base AS build
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -33,16 +30,16 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# torch first, pinned, from the PyTorch index matching the base image's CUDA: its layer survives source changes.
-# 2.15.0 is the version the test suite runs with (pyproject allows >= 2.6); hadolint cannot see the pin in the ARG.
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu132
-ARG TORCH_SPEC=torch==2.15.0
-# hadolint ignore=DL3013
-RUN pip install --index-url "$TORCH_INDEX_URL" "$TORCH_SPEC"
 WORKDIR /src
+# The lock alone decides this layer (several GB of torch and CUDA wheels): a change to worker/ reuses it.
+# --require-hashes: every file must match the lock's sha256; --no-deps: nothing is resolved at build time;
+# --only-binary: no sdist is built.
+COPY requirements/image.txt requirements/image.txt
+RUN pip install --require-hashes --no-deps --only-binary :all: -r requirements/image.txt
 COPY pyproject.toml README.md ./
 COPY worker ./worker
-RUN pip install . && pip check
+# --no-build-isolation: the build backend (setuptools) is the locked one, not a fresh download.
+RUN pip install --no-deps --no-build-isolation . && pip check
 
 # -- runtime: non-root, no build tools beyond the C compiler Triton needs ------------------------------------------
 FROM base AS runtime
@@ -53,14 +50,13 @@ RUN groupadd --system --gid "$UID" rerank \
     && chown "$UID:$UID" /models
 COPY --from=build /opt/venv /opt/venv
 # HF_HOME: downloaded models live on the /models volume (a named volume or a PersistentVolumeClaim), not in the
-# container layer. Compile caches go to /tmp, so the root filesystem can be read-only with /tmp an emptyDir.
+# container layer. The worker keeps its compile caches (TorchInductor, Triton, CUDA) on that volume too, under
+# RERANK_CACHE_DIR (default /models/rerank-worker/compile), so a restarted worker reuses them; every other cache goes
+# to /tmp, so the root filesystem can be read-only with /tmp an emptyDir.
 ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/models \
     XDG_CACHE_HOME=/tmp/.cache \
-    TRITON_HOME=/tmp \
-    TRITON_CACHE_DIR=/tmp/.triton/cache \
-    TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor \
-    CUDA_CACHE_PATH=/tmp/.nv/ComputeCache
+    TRITON_HOME=/tmp
 VOLUME ["/models"]
 WORKDIR /home/rerank
 USER ${UID}:${UID}
