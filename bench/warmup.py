@@ -4,7 +4,7 @@ Loads the engine in a fresh process, times `warm_up()`, the first real 400-docum
 end, and the GPU side alone), then scores a stream of jobs of random sizes and counts the graphs compiled after
 warm-up (the goal is none). Optionally prints a kernel profile of one pack and compares the scores with the
 model's own decoder (`forward="transformers"`) on the same job.
-GPU machine: python -m bench.warmup --model-dir /tmp/full [--profile] [--compare]
+GPU machine: python -m bench.warmup --model-dir /tmp/full [--quantization fp8] [--profile] [--compare]
 """
 
 from __future__ import annotations
@@ -70,6 +70,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model-dir", type=Path, default=Path("/tmp/qwen3-reranker-full-random"))
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--quantization", choices=["none", "fp8"], default="none")
+    ap.add_argument(
+        "--size", choices=["0.6b", "4b", "8b", "full"], default="full", help="the shape built when --model-dir is empty"
+    )
     ap.add_argument("--stream", type=int, default=30, help="jobs of random sizes scored after warm-up")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--attention", default="auto")
@@ -77,10 +81,15 @@ def main() -> None:
     ap.add_argument("--compare", action="store_true")
     a = ap.parse_args()
     if not (a.model_dir / "config.json").exists():
-        build_random_reranker(a.model_dir, size="full", seed=0)
+        build_random_reranker(a.model_dir, size=a.size, seed=0)
     started = time.perf_counter()
     engine = load_engine(
-        str(a.model_dir), device="cuda", dtype=a.dtype, attention=a.attention, cuda_graphs=a.cuda_graphs == "on"
+        str(a.model_dir),
+        device="cuda",
+        dtype=a.dtype,
+        attention=a.attention,
+        cuda_graphs=a.cuda_graphs == "on",
+        quantization=a.quantization,
     )
     load_s = time.perf_counter() - started
     warm_s = engine.warm_up()

@@ -99,6 +99,7 @@ def build_engine(settings: Settings) -> RerankEngine:
             default_instruction=settings.instruction,
             doc_cache_size=settings.doc_cache_size,
             revision=settings.model_revision,
+            quantization=settings.quantization,
             cache_dir=settings.cache_dir,
         )
     except ValueError as e:  # settings the engine cannot honour (budget too small, unknown dtype)

@@ -59,6 +59,15 @@ class Settings(BaseSettings):
         "H100 and agrees with the float32 scores several times more closely (docs/PERFORMANCE.md), but activations "
         "past 65,504 overflow: untried on the real weights, so not the default.",
     )
+    quantization: Literal["none", "fp8"] = Field(
+        "none",
+        description="`fp8`: the linear layers' weights in float8 e4m3 with a scale per output channel, activations "
+        "quantized per token on the fly, matmuls on FP8 tensor cores; norms, rotary, attention, the yes/no head and "
+        "the last layer's output projection and MLP (they see only the documents' last tokens) stay in bfloat16. "
+        "Needs RERANK_DTYPE=bfloat16 (`auto` on CUDA) and a GPU of compute capability 8.9 or newer (L4, L40S, H100, "
+        "H200, B200); refused elsewhere. Measured on random weights only: check agreement on yours with "
+        "`python -m bench.agreement --model DIR` (docs/PERFORMANCE.md).",
+    )
     attention: Literal["auto", "triton", "flash_varlen", "flex_attention", "sdpa", "eager"] = Field(
         "auto",
         description="Attention kernel: `auto` is `triton` on CUDA in bfloat16/float16 (one Triton kernel per layer "

