@@ -65,8 +65,8 @@ class Settings(BaseSettings):
         "quantized per token on the fly, matmuls on FP8 tensor cores; norms, rotary, attention, the yes/no head and "
         "the last layer's output projection and MLP (they see only the documents' last tokens) stay in bfloat16. "
         "Needs RERANK_DTYPE=bfloat16 (`auto` on CUDA) and a GPU of compute capability 8.9 or newer (L4, L40S, H100, "
-        "H200, B200); refused elsewhere. Measured on random weights only: check agreement on yours with "
-        "`python -m bench.agreement --model DIR` (docs/PERFORMANCE.md).",
+        "H200, B200); refused elsewhere. Experimental: tested on CPU only so far, not yet measured on a GPU "
+        "(docs/PERFORMANCE.md); check agreement on your weights with `python -m bench.agreement --model DIR`.",
     )
     attention: Literal["auto", "triton", "flash_varlen", "flex_attention", "sdpa", "eager"] = Field(
         "auto",
