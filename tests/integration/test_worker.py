@@ -179,7 +179,10 @@ def test_metrics_scrape_after_real_jobs(
         produce(kafka_bootstrap, topics.jobs, [(b"bad", b"{not json", [])])
         outcomes = client.wait(client.submit_many(jobs), timeout_s=120)
         deadline = time.monotonic() + 30  # the client can read a result before the worker's producer is told
-        while worker.metrics.sample("rerank_jobs_total", outcome="dead_letter") < 1 and time.monotonic() < deadline:
+        while time.monotonic() < deadline and (
+            worker.metrics.sample("rerank_jobs_total", outcome="dead_letter") < 1
+            or worker.metrics.sample("rerank_jobs_total", outcome="result") < len(jobs)
+        ):
             time.sleep(0.05)
         with urllib.request.urlopen(f"http://127.0.0.1:{worker.http_port}/metrics", timeout=5) as resp:
             content_type = resp.headers["Content-Type"]
