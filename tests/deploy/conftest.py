@@ -36,31 +36,36 @@ def load_yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
+def run_tool(script: Path, *args: str, timeout_s: float, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`bash scripts/<tool>.sh ARGS` from the repository root: the tool the script builds once and caches."""
+    return subprocess.run(
+        ["bash", str(script), *args],
+        cwd=REPO,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+def build_tool(script: Path, *probe: str, timeout_s: float) -> str:
+    """Run `probe` through `script` so that a missing tool is built now, under the build's own timeout; returns the
+    script's stderr (it says when it built). Never skipped: a tool that cannot be built fails the test."""
+    built = run_tool(script, *probe, timeout_s=timeout_s)
+    assert built.returncode == 0, f"{script.relative_to(REPO)} could not build or run its tool:\n{built.stderr}"
+    return built.stderr
+
+
 @pytest.fixture(scope="session")
 def helm() -> Helm:
     """`helm(*args)` runs the real Helm CLI through scripts/helm.sh; never skipped: it builds Helm when missing."""
     started = time.monotonic()
-    built = subprocess.run(
-        ["bash", str(HELM_SH), "version", "--short"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=HELM_BUILD_TIMEOUT_S,
-        check=False,
-    )
-    assert built.returncode == 0, f"scripts/helm.sh could not build or run Helm:\n{built.stderr}"
-    if "building Helm" in built.stderr:
+    if "building Helm" in build_tool(HELM_SH, "version", "--short", timeout_s=HELM_BUILD_TIMEOUT_S):
         print(f"\nscripts/helm.sh built Helm in {time.monotonic() - started:.0f} s")
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["bash", str(HELM_SH), *args],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=HELM_CALL_TIMEOUT_S,
-            check=False,
-        )
+        return run_tool(HELM_SH, *args, timeout_s=HELM_CALL_TIMEOUT_S)
 
     return run
 
@@ -104,25 +109,9 @@ def kubeconform_schema_args() -> list[str]:
 def kubeconform(kubeconform_schema_args: list[str]) -> Kubeconform:
     """`kubeconform(*args, stdin=...)` runs kubeconform (scripts/kubeconform.sh builds it when missing) with the
     offline schemas only: no schema is ever fetched from the network."""
-    built = subprocess.run(
-        ["bash", str(KUBECONFORM_SH), "-v"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=KUBECONFORM_BUILD_TIMEOUT_S,
-        check=False,
-    )
-    assert built.returncode == 0, f"scripts/kubeconform.sh could not build or run kubeconform:\n{built.stderr}"
+    build_tool(KUBECONFORM_SH, "-v", timeout_s=KUBECONFORM_BUILD_TIMEOUT_S)
 
     def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["bash", str(KUBECONFORM_SH), *kubeconform_schema_args, *args],
-            cwd=REPO,
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=HELM_CALL_TIMEOUT_S,
-            check=False,
-        )
+        return run_tool(KUBECONFORM_SH, *kubeconform_schema_args, *args, timeout_s=HELM_CALL_TIMEOUT_S, stdin=stdin)
 
     return run

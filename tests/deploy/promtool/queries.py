@@ -14,12 +14,12 @@ import re
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[3]
+from tests.deploy.conftest import REPO, build_tool, run_tool
+
 CHART_FILES = REPO / "deploy" / "helm" / "rerank-worker" / "files"
 DASHBOARD = CHART_FILES / "dashboard.json"
 ALERTS = CHART_FILES / "alerts.yaml"
@@ -117,28 +117,12 @@ def recorded_names(doc: Any) -> set[str]:
 def promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     """`bash scripts/promtool.sh ARGS`: the real promtool (or `promql-names`), built once when missing."""
     _built()
-    return subprocess.run(
-        ["bash", str(PROMTOOL_SH), *args],
-        cwd=REPO,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=PROMTOOL_CALL_TIMEOUT_S,
-        check=False,
-    )
+    return run_tool(PROMTOOL_SH, *args, timeout_s=PROMTOOL_CALL_TIMEOUT_S, stdin=stdin)
 
 
 @functools.cache
 def _built() -> None:
-    built = subprocess.run(
-        ["bash", str(PROMTOOL_SH), "--version"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=PROMTOOL_BUILD_TIMEOUT_S,
-        check=False,
-    )
-    assert built.returncode == 0, f"scripts/promtool.sh could not build or run promtool:\n{built.stderr}"
+    build_tool(PROMTOOL_SH, "--version", timeout_s=PROMTOOL_BUILD_TIMEOUT_S)
 
 
 def metric_names(queries: list[Query]) -> dict[Query, set[str]]:
